@@ -1,0 +1,34 @@
+# Two commands: `make train` (fresh machine -> venv -> trains the tiny default) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU machines take the local CPU wheel of this release; GPU machines keep (or get) a CUDA build.
+TORCH_CPU_VERSION ?= 2.13.0
+HAVE_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: venv test test-fast train clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py requirements.txt $(wildcard csrc/*.cpp)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+ifeq ($(HAVE_GPU),1)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch
+else
+	$(BIN)/pip install -q torch==$(TORCH_CPU_VERSION)
+endif
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+train: venv
+	$(BIN)/python -m starcoder demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info starcoder/*.so starcoder/**/*.so

@@ -1,0 +1,5 @@
+import sys
+
+from starcoder.cli import main
+
+sys.exit(main())

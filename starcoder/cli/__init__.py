@@ -1,0 +1,54 @@
+"""The `starcoder` command: one entry point, one module per subcommand (imported lazily, so
+`starcoder info` does not pay for what `starcoder train` needs)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from starcoder.config import ConfigError
+
+# name -> (module under starcoder.cli, one-line help)
+COMMANDS = {
+    "train": ("train", "train a model (one process, or under torchrun / srun)"),
+    "preprocess": ("preprocess", "tokenise a corpus into Megatron .bin/.idx files"),
+    "convert": ("convert", "convert between native checkpoints and Hugging Face models"),
+    "info": ("info", "print a model's architecture, parameter count and FLOPs per token"),
+    "demo": ("demo", "the embedded default run: train tiny-sc2 on the Python stdlib, export, complete"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="starcoder",
+        description="Pretraining stack for StarCoder / StarCoder2 code models.",
+        epilog="Run `starcoder COMMAND --help` for a command's options.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    argv = sys.argv[1:] if argv is None else argv
+    # Only the chosen command's module is imported; the others appear with their help line.
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    handlers = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            module = importlib.import_module(f"starcoder.cli.{module_name}")
+            module.add_arguments(p)
+            handlers[name] = module.run
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return handlers[args.command](args) or 0
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The shared `--config FILE|PRESET` and repeated `--set section.key=value` options."""
+    parser.add_argument("--config", required=required, metavar="FILE|PRESET",
+                        help="YAML config file or preset name (e.g. tiny-sc2, starcoder2-15b)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE",
+                        help="override one config key (repeatable); the value is parsed as YAML")

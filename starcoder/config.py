@@ -1,0 +1,395 @@
+"""The whole run configuration as validated dataclasses.
+
+One YAML file holds five sections (`model`, `parallel`, `data`, `train`, `log`); any key can be
+overridden on the command line with `--set section.key=value` (the value is parsed as YAML, so
+`--set model.sliding_window=null` works). Every problem is reported as a `ConfigError` whose
+one-line message starts with the offending key, e.g.
+`model.num_attention_heads: 12 is not divisible by model.num_query_groups (5)`.
+
+Like Megatron-Core's `TransformerConfig`, the schema is defined once here; behaviour lives
+elsewhere. Checks that need the world size (data-parallel divisibility) happen at launch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    # `gpt_bigcode` = StarCoder / SantaCoder (HF GPTBigCodeForCausalLM), `starcoder2` = StarCoder2.
+    architecture: Literal["gpt_bigcode", "starcoder2"] = "starcoder2"
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 8
+    # KV heads: 1 = multi-query, == num_attention_heads = multi-head, in between = grouped-query.
+    num_query_groups: int = 2
+    ffn_hidden_size: Optional[int] = None  # None -> 4 * hidden_size
+    vocab_size: int = 8192  # the tokenizer's real vocabulary; never changed by padding
+    make_vocab_size_divisible_by: int = 128  # Megatron's padding rule (times tensor_parallel)
+    max_position_embeddings: int = 256
+    position_embedding: Literal["learned", "rope"] = "rope"
+    rope_theta: float = 10000.0
+    # A query sees the `sliding_window` most recent positions including itself (transformers'
+    # convention; flash-attn writes this (W-1, 0)). None = full causal attention.
+    sliding_window: Optional[int] = None
+    activation: Literal["gelu_tanh", "gelu"] = "gelu_tanh"
+    layernorm_epsilon: float = 1e-5
+    tie_word_embeddings: bool = True
+    init_method_std: float = 0.02
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0  # after the attention and MLP output projections
+    embedding_dropout: float = 0.0
+    bos_token_id: int = 0
+    eos_token_id: int = 0
+    # Kernel backend: `torch` (PyTorch ops, any device), `triton` (hand-written kernels, GPUs and
+    # the Triton interpreter), `auto` (Triton on CUDA, torch elsewhere).
+    kernels: Literal["auto", "torch", "triton"] = "auto"
+    # Activation recomputation: `selective` recomputes attention only, `full` whole blocks.
+    # (`none` rather than `off`: YAML reads a bare off as false.)
+    recompute: Literal["none", "selective", "full"] = "none"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    def padded_vocab_size(self, tensor_parallel: int = 1) -> int:
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel
+        return -(-self.vocab_size // multiple) * multiple
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    sequence_parallel: bool = False
+    # Shard optimizer state across data-parallel ranks (ZeRO-1, Megatron's distributed optimizer).
+    distributed_optimizer: bool = False
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: NCCL on GPUs, gloo on CPU
+
+
+@dataclass
+class DataSource:
+    path: str  # prefix of a .bin/.idx pair (without extension)
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    # tokenizer.json, a sentencepiece model, a folder holding one, or `builtin:tiny`.
+    tokenizer: Optional[str] = None
+    paths: list[DataSource] = field(default_factory=list)  # weighted blend for training
+    # Megatron-style train/valid/test split of every source, e.g. "98,2,0".
+    split: str = "98,2,0"
+    cache_dir: Optional[str] = None  # index cache; None -> beside the data, or output_dir if read-only
+    fim_rate: float = 0.0
+    fim_spm_rate: float = 0.5
+    # StarCoder2 repository-level FIM: split FIM'd documents on this token, then FIM each fragment.
+    fim_split_sample: Optional[str] = None
+    fragment_fim_rate: float = 0.5
+    mask_eod_loss: bool = False  # StarCoder trained with these tokens in the loss
+    mask_fim_pad_loss: bool = False
+    num_workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    seq_length: int = 256  # tokens per sample; may be below max_position_embeddings
+    global_batch_size: int = 8
+    micro_batch_size: int = 8
+    max_steps: int = 100
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    lr_decay_steps: Optional[int] = None  # None -> max_steps
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs, fp32 on CPU
+    initial_loss_scale: float = 65536.0  # fp16 only
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+    save_every: int = 0  # 0: only at the end
+    keep_last: Optional[int] = None  # prune older checkpoints; None keeps all
+    output_dir: str = "runs/default"
+    seed: int = 1234
+    init_from: Optional[str] = None  # weights only: a native model folder, checkpoint or HF model
+    eval_every: int = 0  # 0: no periodic validation
+    eval_steps: int = 4
+    max_nonfinite_steps: int = 10  # skipped non-finite steps tolerated before the run stops
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    tensorboard: bool = True
+    wandb: bool = False  # offline unless WANDB_API_KEY is set
+    wandb_project: str = "starcoder"
+    wandb_run_name: Optional[str] = None
+    progress_bar: Optional[bool] = None  # None: on when stderr is a terminal
+    peak_tflops: Optional[float] = None  # overrides the GPU table used for MFU
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self) -> "Config":
+        _validate(self)
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(source: str | Path | dict | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a validated Config from a YAML file, a preset name (`tiny-sc2`), or a dict."""
+    raw: dict[str, Any] = {}
+    if isinstance(source, dict):
+        raw = source
+    elif source is not None:
+        raw = yaml.safe_load(resolve_config_path(source).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        section, _, name = key.strip().partition(".")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{section}: expected a mapping")
+        raw[section][name] = yaml.safe_load(value) if value.strip() else None
+    return config_from_dict(raw).validate()
+
+
+def resolve_config_path(source: str | Path) -> Path:
+    path = Path(source)
+    if path.is_file():
+        return path
+    preset = PRESET_DIR / f"{source}.yaml"
+    if preset.is_file():
+        return preset
+    presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+    raise ConfigError(f"config {source}: no such file or preset (presets: {presets})")
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+    unknown = set(raw) - set(sections)
+    if unknown:
+        name = sorted(unknown)[0]
+        raise ConfigError(f"{name}: unknown section{_suggest(name, sections)}")
+    kwargs = {}
+    for name, value in raw.items():
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping of keys, got {value!r}")
+        kwargs[name] = _build(hints[name], value, name)
+    return Config(**kwargs)
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str):
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{prefix}.{key}: unknown key{_suggest(key, known)}")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}")
+    return cls(**kwargs)
+
+
+def _suggest(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is Literal:
+        if value not in args:
+            choices = " | ".join(map(str, args))
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is DataSource:
+        return _data_source(value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")  # a schema bug, not user input
+
+
+def _data_source(value: Any, key: str) -> DataSource:
+    """`path`, `"weight path"` or `{path: ..., weight: ...}`."""
+    if isinstance(value, str):
+        parts = value.split()
+        if len(parts) == 2:
+            try:
+                return _check_weight(DataSource(path=parts[1], weight=float(parts[0])), key)
+            except ValueError:
+                pass
+        return DataSource(path=value)
+    if isinstance(value, dict):
+        return _check_weight(_build(DataSource, value, key), key)
+    raise ConfigError(f"{key}: expected a path or {{path, weight}}, got {value!r}")
+
+
+def _check_weight(source: DataSource, key: str) -> DataSource:
+    if not source.weight > 0:
+        raise ConfigError(f"{key}.weight: must be positive, got {source.weight}")
+    return source
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: everything that can be checked without the world size.
+
+
+def _validate(cfg: Config) -> None:
+    m, p, d, t, lg = cfg.model, cfg.parallel, cfg.data, cfg.train, cfg.log
+
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {why}")
+
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                "vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings"):
+        need(getattr(m, key) >= 1, f"model.{key}", f"must be at least 1, got {getattr(m, key)}")
+    need(m.ffn_hidden_size is None or m.ffn_hidden_size >= 1, "model.ffn_hidden_size",
+         f"must be at least 1, got {m.ffn_hidden_size}")
+    need(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size",
+         f"{m.hidden_size} is not divisible by model.num_attention_heads ({m.num_attention_heads})")
+    need(m.num_attention_heads % m.num_query_groups == 0, "model.num_attention_heads",
+         f"{m.num_attention_heads} is not divisible by model.num_query_groups ({m.num_query_groups})")
+    need(m.sliding_window is None or m.sliding_window >= 1, "model.sliding_window",
+         f"must be at least 1 (or null for full attention), got {m.sliding_window}")
+    need(m.rope_theta > 0, "model.rope_theta", f"must be positive, got {m.rope_theta}")
+    need(m.position_embedding != "rope" or m.head_dim % 2 == 0, "model.hidden_size",
+         f"RoPE needs an even head dimension, got {m.head_dim}")
+    need(m.layernorm_epsilon > 0, "model.layernorm_epsilon", "must be positive")
+    need(m.init_method_std > 0, "model.init_method_std", "must be positive")
+    for key in ("attention_dropout", "hidden_dropout", "embedding_dropout"):
+        need(0.0 <= getattr(m, key) < 1.0, f"model.{key}", f"must be in [0, 1), got {getattr(m, key)}")
+    for key in ("bos_token_id", "eos_token_id"):
+        need(0 <= getattr(m, key) < m.vocab_size, f"model.{key}",
+             f"{getattr(m, key)} is outside the vocabulary (model.vocab_size {m.vocab_size})")
+    if m.architecture == "gpt_bigcode":
+        need(m.position_embedding == "learned", "model.position_embedding",
+             "gpt_bigcode (StarCoder) uses learned positions; use architecture starcoder2 for RoPE")
+        need(m.num_query_groups in (1, m.num_attention_heads), "model.num_query_groups",
+             f"gpt_bigcode supports multi-query (1) or multi-head ({m.num_attention_heads}), "
+             f"got {m.num_query_groups}")
+        need(m.sliding_window is None, "model.sliding_window", "gpt_bigcode has no sliding window")
+        need(m.tie_word_embeddings, "model.tie_word_embeddings", "gpt_bigcode always ties the output layer")
+    else:
+        need(m.position_embedding == "rope", "model.position_embedding", "starcoder2 uses rope")
+
+    tp = p.tensor_parallel
+    need(tp >= 1, "parallel.tensor_parallel", f"must be at least 1, got {tp}")
+    need(p.pipeline_parallel >= 1, "parallel.pipeline_parallel", f"must be at least 1, got {p.pipeline_parallel}")
+    need(m.num_attention_heads % tp == 0, "parallel.tensor_parallel",
+         f"model.num_attention_heads ({m.num_attention_heads}) is not divisible by {tp}")
+    need(m.ffn_size % tp == 0, "parallel.tensor_parallel",
+         f"the FFN size ({m.ffn_size}) is not divisible by {tp}")
+    need(m.num_query_groups % tp == 0 or tp % m.num_query_groups == 0, "parallel.tensor_parallel",
+         f"{tp} must divide model.num_query_groups ({m.num_query_groups}) or be a multiple of it")
+    need(m.num_layers % p.pipeline_parallel == 0, "parallel.pipeline_parallel",
+         f"model.num_layers ({m.num_layers}) is not divisible by {p.pipeline_parallel}")
+    need(not p.sequence_parallel or t.seq_length % tp == 0, "parallel.sequence_parallel",
+         f"train.seq_length ({t.seq_length}) must be divisible by parallel.tensor_parallel ({tp})")
+
+    for key in ("fim_rate", "fim_spm_rate", "fragment_fim_rate"):
+        need(0.0 <= getattr(d, key) <= 1.0, f"data.{key}", f"must be in [0, 1], got {getattr(d, key)}")
+    need(d.num_workers >= 0, "data.num_workers", f"must be at least 0, got {d.num_workers}")
+    _check_split(d.split)
+
+    need(t.seq_length >= 1, "train.seq_length", f"must be at least 1, got {t.seq_length}")
+    need(t.seq_length <= m.max_position_embeddings, "train.seq_length",
+         f"{t.seq_length} exceeds model.max_position_embeddings ({m.max_position_embeddings})")
+    need(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be at least 1, got {t.micro_batch_size}")
+    need(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
+         f"{t.global_batch_size} is not divisible by train.micro_batch_size ({t.micro_batch_size})")
+    need(t.global_batch_size >= 1, "train.global_batch_size", "must be at least 1")
+    need(t.max_steps >= 1, "train.max_steps", f"must be at least 1, got {t.max_steps}")
+    need(t.lr >= 0, "train.lr", f"must be non-negative, got {t.lr}")
+    need(0 <= t.min_lr <= t.lr, "train.min_lr", f"{t.min_lr} must be in [0, train.lr ({t.lr})]")
+    need(t.warmup_steps >= 0, "train.warmup_steps", "must be non-negative")
+    need(t.lr_decay_steps is None or t.lr_decay_steps >= 1, "train.lr_decay_steps", "must be at least 1")
+    need(t.weight_decay >= 0, "train.weight_decay", "must be non-negative")
+    need(0 <= t.adam_beta1 < 1, "train.adam_beta1", f"must be in [0, 1), got {t.adam_beta1}")
+    need(0 <= t.adam_beta2 < 1, "train.adam_beta2", f"must be in [0, 1), got {t.adam_beta2}")
+    need(t.adam_eps > 0, "train.adam_eps", "must be positive")
+    need(t.grad_clip >= 0, "train.grad_clip", "must be non-negative (0 disables clipping)")
+    need(t.initial_loss_scale > 0, "train.initial_loss_scale", "must be positive")
+    need(t.save_every >= 0, "train.save_every", "must be non-negative (0: only at the end)")
+    need(t.keep_last is None or t.keep_last >= 1, "train.keep_last", "must be at least 1 (or null)")
+    need(t.eval_every >= 0, "train.eval_every", "must be non-negative")
+    need(t.eval_steps >= 1, "train.eval_steps", "must be at least 1")
+    need(t.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be non-negative")
+    need(lg.every >= 1, "log.every", f"must be at least 1, got {lg.every}")
+    need(lg.peak_tflops is None or lg.peak_tflops > 0, "log.peak_tflops", "must be positive")
+
+
+def _check_split(split: str) -> None:
+    parts = split.replace("/", ",").split(",")
+    try:
+        weights = [float(x) for x in parts]
+    except ValueError:
+        raise ConfigError(f"data.split: expected numbers like '98,2,0', got {split!r}") from None
+    if len(weights) > 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"data.split: expected up to three non-negative weights, got {split!r}")

@@ -1,0 +1,76 @@
+"""The one attention seam every backend plugs into.
+
+Shapes: q [batch, seq, q_heads, head_dim]; k, v [batch, seq, kv_heads, head_dim] with
+q_heads % kv_heads == 0 (MQA/GQA without materialising repeated K/V). `window=W` lets query i see
+keys j with i - W < j <= i (transformers' convention; flash-attn writes it (W-1, 0)).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+              window: int | None = None, scale: float | None = None, dropout_p: float = 0.0,
+              backend: str = "torch") -> torch.Tensor:
+    """Scaled dot-product attention; returns [batch, seq, q_heads, head_dim]."""
+    if backend == "triton":
+        if dropout_p > 0.0:
+            raise ValueError("model.kernels: triton attention has no dropout; set "
+                             "model.attention_dropout: 0 or model.kernels: torch")
+        from starcoder.kernels import flash_attention
+
+        return flash_attention(q, k, v, causal=causal, window=window, scale=scale)
+    return sdpa_attention(q, k, v, causal, window, scale, dropout_p)
+
+
+def sdpa_attention(q, k, v, causal=True, window=None, scale=None, dropout_p=0.0):
+    """PyTorch's scaled_dot_product_attention, with an explicit mask for sliding windows."""
+    seq_q, seq_k = q.shape[1], k.shape[1]
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    gqa = q.shape[2] != k.shape[2]
+    if window is not None and window < seq_k:
+        mask = sliding_window_mask(seq_q, seq_k, window, causal, q.device)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, dropout_p=dropout_p,
+                                             scale=scale, enable_gqa=gqa)
+    else:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal and seq_q > 1,
+                                             dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=16)
+def sliding_window_mask(seq_q: int, seq_k: int, window: int, causal: bool,
+                        device: torch.device) -> torch.Tensor:
+    """Boolean [seq_q, seq_k] mask, True where attention is allowed (queries end-aligned)."""
+    i = torch.arange(seq_q, device=device)[:, None] + (seq_k - seq_q)
+    j = torch.arange(seq_k, device=device)[None, :]
+    allowed = (i - j) < window
+    if causal:
+        allowed &= j <= i
+    else:
+        allowed &= (j - i) < window
+    return allowed
+
+
+def resolve_backend(kernels: str, device: torch.device) -> str:
+    """`auto` means Triton on CUDA (when Triton imports), the PyTorch references elsewhere."""
+    if kernels == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    return kernels
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        log.warning("model.kernels: auto found no Triton; using the PyTorch kernels")
+        return False
+    return True

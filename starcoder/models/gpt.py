@@ -1,0 +1,191 @@
+"""One GPT for StarCoder (GPTBigCode) and StarCoder2, chosen by `ModelConfig`.
+
+Pre-LN decoder: x + attn(ln(x)), then x + mlp(ln(x)), a final LayerNorm and an output layer.
+StarCoder: multi-query attention, learned positions, tied output layer. StarCoder2: grouped-query
+attention, RoPE, sliding window, tied or untied output layer. Activations are [batch, seq, hidden].
+
+The model is built from parts a pipeline stage can own (`embedding`, `blocks`, `final_norm`,
+`head`) and knows nothing about parallelism: `starcoder.parallel.parallelize` swaps its linear
+layers, embedding and head for sharded versions with the same interface.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from starcoder.config import ModelConfig
+from starcoder.models import ops
+from starcoder.models.attention import attention, resolve_backend
+
+
+class Linear(nn.Linear):
+    """nn.Linear that can hand back its bias unapplied, so the caller fuses the add
+    (Megatron's `skip_bias_add`)."""
+
+    def forward(self, x: torch.Tensor, return_bias: bool = False):
+        if return_bias:
+            return F.linear(x, self.weight), self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.bias = nn.Parameter(torch.zeros(size))
+        self.eps = eps
+        self.backend = "torch"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, self.backend)
+
+
+class Embedding(nn.Module):
+    """Token embedding (rows padded to `padded_vocab_size`) plus optional learned positions."""
+
+    def __init__(self, cfg: ModelConfig, padded_vocab_size: int):
+        super().__init__()
+        self.word = nn.Embedding(padded_vocab_size, cfg.hidden_size)
+        learned = cfg.position_embedding == "learned"
+        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if learned else None
+        self.dropout = nn.Dropout(cfg.embedding_dropout)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.word(input_ids)
+        if self.position is not None:
+            x = x + self.position.weight[: input_ids.shape[1]]
+        return self.dropout(x)
+
+
+class Attention(nn.Module):
+    """Multi-query / grouped-query self-attention.
+
+    `kv_proj` rows are laid out [kv_head, (key, value), head_dim], so slicing whole rows splits by
+    KV head: that is what tensor parallelism shards, and what MQA's [q; k; v] maps to directly.
+    Local head counts are read from the tensors, so sharded copies run the same code.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.head_dim
+        self.head_dim = d
+        self.q_proj = Linear(cfg.hidden_size, cfg.num_attention_heads * d)
+        self.kv_proj = Linear(cfg.hidden_size, 2 * cfg.num_query_groups * d)
+        self.out_proj = Linear(cfg.num_attention_heads * d, cfg.hidden_size)
+        self.window = cfg.sliding_window
+        self.dropout_p = cfg.attention_dropout
+        self.recompute = cfg.recompute == "selective"
+        self.backend = "torch"
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, -1, self.head_dim)
+        k, v = self.kv_proj(x).view(b, s, -1, 2, self.head_dim).unbind(3)
+        if rope is not None:
+            q, k = ops.apply_rope(q, k, *rope, backend=self.backend)
+        if self.recompute and self.training:
+            out = checkpoint(self._core, q, k, v, use_reentrant=False)
+        else:
+            out = self._core(q, k, v)
+        return self.out_proj(out.reshape(b, s, -1))
+
+    def _core(self, q, k, v):
+        return attention(q, k, v, causal=True, window=self.window,
+                         dropout_p=self.dropout_p if self.training else 0.0, backend=self.backend)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc_in = Linear(cfg.hidden_size, cfg.ffn_size)
+        self.fc_out = Linear(cfg.ffn_size, cfg.hidden_size)
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
+        self.backend = "torch"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, bias = self.fc_in(x, return_bias=True)
+        return self.fc_out(ops.bias_gelu(h, bias, self.approximate, self.backend))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+        self.attn = Attention(cfg)
+        self.mlp_norm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class OutputLayer(nn.Module):
+    """Logits over the real vocabulary only: padded rows of the weight are never used, so padding
+    (or, later, the tensor-parallel size) cannot change logits, loss or sampling."""
+
+    def __init__(self, cfg: ModelConfig, padded_vocab_size: int):
+        super().__init__()
+        tied = cfg.tie_word_embeddings
+        self.weight = None if tied else nn.Parameter(torch.empty(padded_vocab_size, cfg.hidden_size))
+        self.vocab_size = cfg.vocab_size  # rows of the weight that are real tokens
+        self.backend = "torch"
+
+    def forward(self, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None = None):
+        w = weight[: self.vocab_size]
+        if labels is None:
+            return F.linear(h, w)
+        return ops.linear_cross_entropy(h, w, labels, self.backend)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, padded_vocab_size: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.padded_vocab_size = padded_vocab_size or cfg.padded_vocab_size()
+        self.embedding = Embedding(cfg, self.padded_vocab_size)
+        # A dict keyed by global layer index keeps parameter names stable when a pipeline stage
+        # owns only some of the blocks.
+        self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.num_layers)})
+        self.final_norm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+        self.head = OutputLayer(cfg, self.padded_vocab_size)
+        self._rope_cache: dict = {}
+        self.set_kernels(cfg.kernels)
+
+    def set_kernels(self, kernels: str, device: torch.device | None = None) -> None:
+        """Pick the kernel backend for every op (`auto` resolves against the device)."""
+        if device is None:
+            device = next(self.parameters()).device
+        backend = resolve_backend(kernels, device)
+        for module in self.modules():
+            if hasattr(module, "backend"):
+                module.backend = backend
+
+    def output_weight(self) -> torch.Tensor:
+        return self.embedding.word.weight if self.cfg.tie_word_embeddings else self.head.weight
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [batch, seq, vocab_size] or, with `labels`, per-token fp32 losses [batch, seq]
+        (labels of -100 give 0)."""
+        x = self.embedding(input_ids)
+        rope = self._rope(input_ids.shape[1], x.device)
+        full_recompute = self.cfg.recompute == "full" and self.training
+        for block in self.blocks.values():
+            if full_recompute:
+                x = checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope)
+        x = self.final_norm(x)
+        return self.head(x, self.output_weight(), labels)
+
+    def _rope(self, seq_len: int, device: torch.device):
+        if self.cfg.position_embedding != "rope":
+            return None
+        key = (seq_len, device)
+        if key not in self._rope_cache:
+            self._rope_cache[key] = ops.rotary_tables(seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)
+        return self._rope_cache[key]
