@@ -7,6 +7,11 @@ TORCH_CPU_VERSION ?= 2.13.0
 HAVE_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
 export OMP_NUM_THREADS ?= 1
+# Without a GPU, Triton kernels run under its interpreter (read when a kernel is decorated, so it
+# is set for the whole run; the Hopper compile test clears it in its own subprocess).
+ifneq ($(HAVE_GPU),1)
+export TRITON_INTERPRET ?= 1
+endif
 
 .PHONY: venv test test-fast train clean
 

@@ -1,0 +1,71 @@
+"""The process grid, in one place: tensor x data x pipeline groups in Megatron's rank order.
+
+Tensor-parallel ranks are adjacent (they talk most, so they share a node), then data parallel,
+then pipeline: global rank = (pp_rank * dp + dp_rank) * tp + tp_rank. Data parallel is whatever
+the world size leaves after tensor and pipeline parallel.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from starcoder.config import ConfigError, ParallelConfig
+
+
+@dataclass
+class Grid:
+    rank: int = 0
+    world_size: int = 1
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    mesh: DeviceMesh | None = None  # dims ("pp", "dp", "tp"); None in a single process
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return (self.rank // self.tp) % self.dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp * self.dp)
+
+    def group(self, dim: str):
+        """The process group of one grid dimension ("tp", "dp" or "pp"); None in one process."""
+        return None if self.mesh is None else self.mesh.get_group(dim)
+
+
+def init_grid(parallel: ParallelConfig, device_type: str = "cpu") -> Grid:
+    """Build the grid over the default process group (or a trivial one without torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if parallel.tensor_parallel * parallel.pipeline_parallel != 1:
+            raise ConfigError("parallel.tensor_parallel: needs a distributed launch "
+                              "(torchrun or srun) with at least that many processes")
+        return Grid()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+    if world % (tp * pp):
+        raise ConfigError(f"parallel.tensor_parallel: world size {world} is not divisible by "
+                          f"tensor_parallel x pipeline_parallel ({tp} x {pp})")
+    dp = world // (tp * pp)
+    mesh = init_device_mesh(device_type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
+    return Grid(rank=rank, world_size=world, tp=tp, pp=pp, dp=dp, mesh=mesh)
+
+
+def default_backend(parallel: ParallelConfig, device: torch.device) -> str:
+    if parallel.backend != "auto":
+        return parallel.backend
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def launched_distributed() -> bool:
+    """True under torchrun / srun (the launcher set WORLD_SIZE or SLURM_NTASKS above one)."""
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1
