@@ -1,0 +1,44 @@
+"""`starcoder train`: train or resume a model, in one process or under torchrun / srun."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from starcoder.cli import add_config_arguments
+from starcoder.config import load_config
+
+EPILOG = """\
+examples:
+  starcoder train --config tiny-sc2 --set data.paths=[data/stdlib_text_document]
+  torchrun --nproc-per-node 8 -m starcoder train --config starcoder2-3b \\
+      --set data.paths=[/data/stack_text_document] --set data.tokenizer=/models/starcoder2
+  sbatch tools/train.sbatch   (SLURM: one task per GPU, preemption-safe)
+
+A run writes <train.output_dir>/{config.yaml, metrics.jsonl, tensorboard/, checkpoints/} and
+resumes from checkpoints/latest when started again with the same output_dir. SIGTERM or SIGUSR1
+saves a checkpoint at the next step boundary and exits 0 (see docs/training.md).
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    add_config_arguments(parser)
+
+
+def run(args) -> int:
+    from starcoder.training.distributed import distributed_session
+    from starcoder.training.trainer import TrainingError, train
+
+    cfg = load_config(args.config, args.overrides)
+    with distributed_session(cfg):
+        if int(os.environ.get("RANK", "0")) != 0:
+            logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for the run
+        try:
+            train(cfg)
+        except TrainingError as err:
+            logging.getLogger("starcoder.train").error("error: %s", err)
+            return 1
+    return 0

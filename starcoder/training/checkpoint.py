@@ -1,0 +1,324 @@
+"""Checkpoints: `torch.distributed.checkpoint` over safetensors files, committed atomically.
+
+    <output_dir>/checkpoints/latest                 the name of the newest complete step folder
+    <output_dir>/checkpoints/step_0000100/
+        config.yaml                                 the resolved run config
+        trainer_state.json                          step, consumed samples, loss scale, ... (JSON)
+        tokenizer.json, ...                         the tokenizer files
+        dcp/shard-00001-model-00001-of-00001.safetensors   one file per rank
+
+Tensors are named `model.<param>`, `optim.<param>.<exp_avg|exp_avg_sq|step>` and
+`rng.rank<r>.<cpu|cuda>`. Each is described by its global shape and this rank's shard (a DTensor
+over the tensor-parallel mesh for a parameter carrying `full_shape`/`shard_slices`), so a
+checkpoint loads onto any data- or tensor-parallel layout, or onto one process. DCP's default
+format pickles its `.metadata`; the safetensors storage used here keeps each shard's offsets in
+the safetensors headers instead, so loading reads tensors and JSON only and unpickles nothing.
+
+A step folder is written as `.step_0000100.partial`, renamed when every rank has finished, and
+only then does `latest` move (write aside, then rename): a crash at any point leaves the previous
+checkpoint and `latest` intact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.tensor import DTensor, Shard
+
+from starcoder.config import Config, ConfigError, load_config
+from starcoder.parallel.grid import Grid
+from starcoder.training.optimizer import optimizer_state
+
+log = logging.getLogger("starcoder.train")
+
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.yaml"
+DCP_DIR = "dcp"
+STEP_RE = re.compile(r"^step_(\d+)$")
+# Rows of these tensors are padded to the padded vocabulary inside a run; exports drop them.
+VOCAB_PADDED = ("embedding.word.weight", "head.weight")
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def is_step_folder(path: str | Path) -> bool:
+    return (Path(path) / STATE_FILE).is_file() and (Path(path) / DCP_DIR).is_dir()
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The step folder `latest` names in a run folder, or None when the run has none yet."""
+    pointer = checkpoints_dir(run_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    folder = pointer.parent / pointer.read_text().strip()
+    if not is_step_folder(folder):
+        raise FileNotFoundError(f"{pointer} names {folder.name}, which is not a complete checkpoint")
+    return folder
+
+
+def resolve_checkpoint(path: str | Path) -> Path | None:
+    """The step folder meant by a step folder, a run folder or its `checkpoints` folder (these
+    follow `latest`); None for anything else, e.g. a model folder."""
+    path = Path(path)
+    if is_step_folder(path):
+        return path
+    if (checkpoints_dir(path) / LATEST).is_file():
+        return latest_checkpoint(path)
+    if path.name == "checkpoints" and (path / LATEST).is_file():
+        return latest_checkpoint(path.parent)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# What goes into a checkpoint
+
+
+def describe(tensor: torch.Tensor, param: nn.Parameter, grid: Grid) -> torch.Tensor:
+    """`tensor` (a parameter, or optimizer state shaped like it) as DCP should store it: a DTensor
+    with the global shape when `param` is a tensor-parallel shard, the tensor itself otherwise
+    (DCP then treats equal keys on several ranks as one replicated tensor)."""
+    slices = getattr(param, "shard_slices", None)
+    if slices is None:
+        return tensor
+    full = tuple(param.full_shape)
+    ranges = [s.indices(full[d])[:2] for d, s in enumerate(slices)]
+    split = [d for d, (start, stop) in enumerate(ranges) if stop - start != full[d]]
+    if not split:
+        return tensor
+    if len(split) > 1 or grid.mesh is None:
+        raise ValueError(f"a parameter sharded along dims {split} cannot be checkpointed; "
+                         "expected one tensor-parallel dimension")
+    dim = split[0]
+    chunk = -(-full[dim] // grid.tp)  # DCP computes offsets as torch.chunk lays shards out
+    if ranges[dim] != (grid.tp_rank * chunk, min(full[dim], (grid.tp_rank + 1) * chunk)):
+        raise ValueError(f"shard {ranges[dim]} of a dim of size {full[dim]} does not follow "
+                         f"torch.chunk's layout over {grid.tp} ranks; DCP would record wrong offsets")
+    stride = torch.empty(full, device="meta").stride()
+    return DTensor.from_local(tensor, grid.mesh["tp"], [Shard(dim)], run_check=False,
+                              shape=torch.Size(full), stride=stride)
+
+
+def model_tensors(model: nn.Module, grid: Grid) -> dict[str, torch.Tensor]:
+    return {f"model.{name}": describe(p.detach(), p, grid) for name, p in model.named_parameters()}
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, model: nn.Module, grid: Grid) -> dict:
+    params = dict(model.named_parameters())
+    out = {}
+    for name, state in optimizer_state(optimizer, model).items():
+        for key, value in state.items():
+            shaped = torch.is_tensor(value) and value.shape == params[name].shape
+            out[f"optim.{name}.{key}"] = describe(value, params[name], grid) if shaped else value
+    return out
+
+
+def rng_tensors(grid: Grid, device: torch.device) -> dict[str, torch.Tensor]:
+    out = {f"rng.rank{grid.rank}.cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        out[f"rng.rank{grid.rank}.cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Save
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer, grid: Grid,
+                    device: torch.device, cfg: Config, tokenizer, state: dict,
+                    keep_last: int | None = None) -> Path:
+    """Write `step_NNNNNNN` (all ranks call this), move `latest` to it and prune old ones."""
+    root = checkpoints_dir(run_dir)
+    final = root / step_name(step)
+    partial = root / f".{final.name}.partial"
+    if grid.rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        (partial / DCP_DIR).mkdir(parents=True)
+    _barrier()
+    tensors = {**model_tensors(model, grid), **optimizer_tensors(optimizer, model, grid),
+               **rng_tensors(grid, device)}
+    with _quiet_single_process():
+        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(partial / DCP_DIR),
+                                                                  save_distributed=True))
+    # dcp.save returns on rank 0 only after every rank's files are written.
+    if grid.rank == 0:
+        (partial / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+        (partial / CONFIG_FILE).write_text(cfg.to_yaml())
+        tokenizer.save(partial)
+        _fsync_files(partial)
+        if final.exists():  # left by an earlier run that never moved `latest` to it
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _write_atomic(root / LATEST, final.name + "\n")
+        if keep_last:
+            prune(root, keep_last, newest=step)
+    _barrier()
+    return final
+
+
+def prune(root: Path, keep_last: int, newest: int) -> None:
+    """Delete step folders older than the `keep_last` newest up to step `newest`."""
+    steps = sorted(int(m.group(1)) for p in root.iterdir() if (m := STEP_RE.match(p.name)))
+    older = [s for s in steps if s < newest]
+    for step in older[: max(0, len(older) - (keep_last - 1))]:
+        shutil.rmtree(root / step_name(step))
+
+
+def remove_partial(run_dir: str | Path) -> None:
+    """Delete step folders a crash left half written (rank 0, at start-up)."""
+    root = checkpoints_dir(run_dir)
+    if root.is_dir():
+        for p in root.glob(".step_*.partial"):
+            log.info("removing %s (an interrupted checkpoint write)", p)
+            shutil.rmtree(p)
+
+
+# --------------------------------------------------------------------------------------------
+# Load
+
+
+def read_state(step_dir: Path) -> dict:
+    return json.loads((Path(step_dir) / STATE_FILE).read_text())
+
+
+def read_config(step_dir: Path) -> Config:
+    return load_config(Path(step_dir) / CONFIG_FILE)
+
+
+def load_checkpoint(step_dir: Path, model: nn.Module, optimizer, grid: Grid,
+                    device: torch.device, cfg: Config) -> dict:
+    """Load model, optimizer and (same world size only) RNG states in place; return the JSON state."""
+    step_dir = Path(step_dir)
+    state = read_state(step_dir)
+    reader = _Reader(step_dir / DCP_DIR)
+    _check_shapes(model, reader.read_metadata(), read_config(step_dir), cfg, step_dir)
+    tensors = {**model_tensors(model, grid), **optimizer_tensors(optimizer, model, grid)}
+    same_world = state["world"]["size"] == grid.world_size
+    if same_world:
+        tensors.update(rng_tensors(grid, device))
+    _dcp_load(tensors, reader, step_dir)
+    if same_world:
+        torch.set_rng_state(tensors[f"rng.rank{grid.rank}.cpu"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(tensors[f"rng.rank{grid.rank}.cuda"], device)
+    else:
+        log.info("checkpoint from %d ranks loaded onto %d: random states start from the seed",
+                 state["world"]["size"], grid.world_size)
+    return state
+
+
+def iter_checkpoint_weights(step_dir: str | Path) -> tuple[Config, Iterator[tuple[str, torch.Tensor]]]:
+    """(config, iterator of (parameter name, full unpadded fp32 tensor)) from a step folder, one
+    tensor in memory at a time, without a process group."""
+    step_dir = Path(step_dir)
+    cfg = read_config(step_dir)
+    reader = _Reader(step_dir / DCP_DIR)
+    metadata = reader.read_metadata().state_dict_metadata
+    names = [key[len("model."):] for key in metadata if key.startswith("model.")]
+
+    def tensors():
+        for name in names:
+            meta = metadata[f"model.{name}"]
+            tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
+            _dcp_load({f"model.{name}": tensor}, reader, step_dir, single_process=True)
+            yield name, tensor[: cfg.model.vocab_size] if name in VOCAB_PADDED else tensor
+
+    return cfg, tensors()
+
+
+class _Reader(HuggingFaceStorageReader):
+    """Reads every shard's safetensors header once, however many loads follow."""
+
+    def __init__(self, path: Path):
+        super().__init__(str(path))
+        self._metadata = None
+
+    def read_metadata(self):
+        if self._metadata is None:
+            self._metadata = super().read_metadata()
+        return self._metadata
+
+
+def _dcp_load(tensors: dict, reader: _Reader, step_dir: Path, single_process: bool = False) -> None:
+    try:
+        with _quiet_single_process():
+            dcp.load(tensors, storage_reader=reader, no_dist=single_process)
+    except dcp.api.CheckpointException as err:  # a BaseException: re-raise as an ordinary error
+        raise RuntimeError(f"{step_dir}: cannot load the checkpoint: {err}") from None
+
+
+def _check_shapes(model: nn.Module, metadata, saved: Config, cfg: Config, step_dir: Path) -> None:
+    """A model that does not fit the checkpoint is a config error naming the first differing key."""
+    stored = {k[len("model."):]: tuple(v.size) for k, v in metadata.state_dict_metadata.items()
+              if k.startswith("model.")}
+    wanted = {n: tuple(getattr(p, "full_shape", p.shape)) for n, p in model.named_parameters()}
+    if stored == wanted:
+        return
+    for key, value in vars(cfg.model).items():
+        if getattr(saved.model, key) != value:
+            raise ConfigError(f"model.{key}: the checkpoint {step_dir} has "
+                              f"{getattr(saved.model, key)!r}, the config {value!r}")
+    diff = sorted(set(stored.items()) ^ set(wanted.items()))
+    raise ConfigError(f"model: the checkpoint {step_dir} does not fit this model ({diff[0][0]})")
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class _quiet_single_process(warnings.catch_warnings):
+    """DCP warns that it assumes a single process when there is no process group; that is meant."""
+
+    def __enter__(self):
+        super().__enter__()
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return self
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_files(folder: Path) -> None:
+    for p in folder.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,342 @@
+"""The training loop.
+
+One step: fetch the step's micro-batches, count their loss tokens across data-parallel ranks,
+then for each micro-batch run forward and backward on sum(token losses) / (tokens in the whole
+global batch). Data-parallel gradients are *summed* (DDP with a sum hook), so the gradient and
+the logged loss are the token mean over the global batch whatever the layout: 1 process x 4
+micro-batches and 2 processes x 2 give the same numbers. Then the global gradient norm decides
+(the same way on every rank) whether the step is taken or skipped as non-finite, gradients are
+clipped and AdamW steps.
+
+Everything a resumed run needs is in the checkpoint: weights, Adam state, RNG states and the JSON
+`TrainState` (step, consumed samples; the learning rate is a function of the step, and the data
+order a function of consumed samples), so a run killed after a checkpoint and restarted logs
+the same losses as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from starcoder.api import iter_weights, load_weights_into
+from starcoder.config import Config, ConfigError
+from starcoder.data import build_train_loader, build_valid_loader, load_tokenizer
+from starcoder.models.flops import model_flops_per_token
+from starcoder.models.gpt import GPT
+from starcoder.models.init import init_weights
+from starcoder.parallel.grid import Grid, init_grid
+from starcoder.training.checkpoint import (latest_checkpoint, load_checkpoint, remove_partial,
+                                           save_checkpoint)
+from starcoder.training.distributed import resolve_device
+from starcoder.training.gradients import clip_grads, grad_norm
+from starcoder.training.metrics import (MetricsLogger, check_logging, mfu, peak_memory_gib,
+                                        peak_tflops)
+from starcoder.training.optimizer import build_optimizer, set_lr
+from starcoder.training.precision import LossScaler, autocast, resolve_precision
+from starcoder.training.schedule import lr_at
+from starcoder.training.signals import StopRequest
+
+log = logging.getLogger("starcoder.train")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps)."""
+
+
+@dataclass
+class TrainState:
+    """The JSON part of a checkpoint."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    skipped_steps: int = 0  # non-finite steps (fp16 overflows that only lower the scale excluded)
+    # Sums since the last logged step, so a resumed run logs the same interval averages.
+    interval_loss: float = 0.0
+    interval_steps: int = 0
+
+
+def train(cfg: Config) -> TrainState:
+    """Train, or resume from `<output_dir>/checkpoints/latest`, as configured. Runs in this
+    process alone, or as one rank of an initialised process group (see `distributed_session`)."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up
+
+
+def check_supported(cfg: Config) -> None:
+    p = cfg.parallel
+    if p.tensor_parallel > 1:
+        raise ConfigError("parallel.tensor_parallel: tensor parallelism is not available in the "
+                          f"trainer yet (got {p.tensor_parallel}); use 1")
+    if p.pipeline_parallel > 1:
+        raise ConfigError("parallel.pipeline_parallel: pipeline parallelism is not available in "
+                          f"the trainer yet (got {p.pipeline_parallel}); use 1")
+    if cfg.data.tokenizer is None:
+        raise ConfigError("data.tokenizer: required for training (a tokenizer.json, a folder "
+                          "holding one, or builtin:tiny)")
+    if not cfg.data.paths:
+        raise ConfigError("data.paths: no training data (prefixes of .bin/.idx pairs written by "
+                          "`starcoder preprocess`)")
+
+
+def accumulation_steps(cfg: Config, grid: Grid) -> int:
+    t = cfg.train
+    per_step = t.micro_batch_size * grid.dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
+                          f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x "
+                          f"{grid.dp})")
+    return t.global_batch_size // per_step
+
+
+def build_model(cfg: Config, grid: Grid, device: torch.device) -> GPT:
+    """The model for this rank: built on the meta device, split for tensor parallelism, then
+    materialised and initialised (each full tensor drawn from the seed, then sliced, so every
+    layout starts from the same weights)."""
+    with torch.device("meta"):
+        model = GPT(cfg.model, padded_vocab_size=cfg.model.padded_vocab_size(grid.tp))
+    if grid.tp > 1:
+        from starcoder.parallel import parallelize  # the tensor-parallel layers
+
+        parallelize(model, grid)
+    model.to_empty(device=device)
+    init_weights(model, cfg.model, cfg.train.seed)
+    model.set_kernels(cfg.model.kernels, device)
+    if cfg.train.compile:
+        model.compile()
+    return model.train()
+
+
+def _sum_gradients(group, bucket):
+    """DDP communication hook: all-reduce SUM (DDP's default averages); the loss is already
+    divided by the global token count."""
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        check_supported(cfg)
+        check_logging(cfg)
+        self.cfg, t = cfg, cfg.train
+        self.device = resolve_device(t.device)
+        self.grid = init_grid(cfg.parallel, self.device.type)
+        self.accum = accumulation_steps(cfg, self.grid)
+        self.precision = resolve_precision(t, self.device)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
+                              f"tokenizer's vocabulary ({self.tokenizer.vocab_size})")
+        self.run_dir = Path(t.output_dir)
+        self.rank0 = self.grid.rank == 0
+        if self.rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_partial(self.run_dir)
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+        torch.manual_seed(t.seed)
+        self.model = build_model(cfg, self.grid, self.device)
+        self.optimizer = build_optimizer(self.model, cfg, self.grid, self.device)
+        self.scaler = LossScaler.for_precision(self.precision, t)
+        self.state = TrainState()
+        self.last_saved = None
+        resume = latest_checkpoint(self.run_dir)
+        if resume is not None:
+            saved = load_checkpoint(resume, self.model, self.optimizer, self.grid, self.device, cfg)
+            self.state = TrainState(**saved["train_state"])
+            self.scaler.load_state_dict(saved["loss_scale"])
+            self.last_saved = self.state.step
+            log.info("resumed from %s (step %d, %d samples consumed)", resume, self.state.step,
+                     self.state.consumed_samples)
+        elif t.init_from:
+            _, tensors = iter_weights(t.init_from)
+            load_weights_into(self.model, tensors)
+            log.info("initialised weights from %s", t.init_from)
+
+        self.ddp = self.model
+        if self.grid.dp > 1:
+            self.ddp = DistributedDataParallel(
+                self.model, process_group=self.grid.group("dp"), broadcast_buffers=False,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                gradient_as_bucket_view=True)
+            self.ddp.register_comm_hook(self.grid.group("dp"), _sum_gradients)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.tokens_per_step = t.global_batch_size * t.seq_length
+        self.flops_per_token = model_flops_per_token(cfg.model, t.seq_length)
+        self.peak = peak_tflops(self.device, cfg.log.peak_tflops)
+        self.logger = MetricsLogger(cfg, self.run_dir, self.rank0, self.state.step)
+
+    def run(self) -> TrainState:
+        cfg, t, state = self.cfg, self.cfg.train, self.state
+        if self.rank0:
+            self.logger.echo(f"training {t.max_steps} steps from step {state.step}: "
+                             f"{self.grid.world_size} process(es) on {self.device.type}, "
+                             f"{self.accum} micro-batch(es) of {t.micro_batch_size} per rank per "
+                             f"step, {self.precision}, output in {self.run_dir}")
+        batches = iter(build_train_loader(cfg, self.tokenizer, dp_rank=self.grid.dp_rank,
+                                          dp_size=self.grid.dp,
+                                          consumed_samples=state.consumed_samples))
+        self._interval_start, self._interval_tokens = time.perf_counter(), 0
+        with StopRequest() as stop:
+            while state.step < t.max_steps:
+                signum = stop.agreed(self.device)
+                if signum:
+                    self.logger.echo(f"received {signal.Signals(signum).name}: stopping at step "
+                                     f"{state.step}")
+                    break
+                micro_batches = list(islice(batches, self.accum))
+                if len(micro_batches) < self.accum:
+                    raise TrainingError(f"the training data ran out after {state.consumed_samples} "
+                                        "samples")
+                loss, norm = self.train_step(micro_batches, lr_at(state.step + 1, t))
+                self._account(loss, norm)
+                if t.eval_every and state.step % t.eval_every == 0:
+                    self.evaluate()
+                if t.save_every and state.step % t.save_every == 0:
+                    self.save()
+            if state.step > 0 and self.last_saved != state.step:
+                self.save()
+        return state
+
+    def train_step(self, micro_batches: list[dict], lr: float) -> tuple[float, float]:
+        """One optimizer step over the global batch; returns (loss, grad norm), both the same on
+        every rank; non-finite values mean the step was skipped."""
+        mask_sum = sum(float(mb["loss_mask"].sum()) for mb in micro_batches)
+        count = self._dp_sum(torch.tensor([mask_sum], dtype=torch.float64, device=self.device)).item()
+        scale = self.scaler.scale / max(count, 1.0)
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for i, mb in enumerate(micro_batches):
+            tokens = mb["tokens"].to(self.device, non_blocking=True)
+            mask = mb["loss_mask"].to(self.device, non_blocking=True)
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
+            with sync:
+                with autocast(self.precision, self.device):
+                    losses = self.ddp(tokens[:, :-1], tokens[:, 1:])
+                summed = (losses * mask).sum()
+                (summed * scale).backward()
+            loss_sum += summed.detach()
+        loss = (self._dp_sum(loss_sum) / max(count, 1.0)).item()
+        if self.scaler.scale != 1.0:
+            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None],
+                                1.0 / self.scaler.scale)
+        norm_t = grad_norm(self.params, self.grid)
+        norm = norm_t.item()
+        finite = math.isfinite(loss) and math.isfinite(norm)
+        if finite:
+            clip_grads(self.params, self.cfg.train.grad_clip, norm_t)
+            set_lr(self.optimizer, lr)
+            self.optimizer.step()
+        self.scaler.update(finite)
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, norm
+
+    def _account(self, loss: float, norm: float) -> None:
+        """Advance the step; log, and count or stop on, non-finite steps."""
+        cfg, t, state = self.cfg, self.cfg.train, self.state
+        state.step += 1
+        state.consumed_samples += t.global_batch_size
+        self._interval_tokens += self.tokens_per_step
+        finite = math.isfinite(loss) and math.isfinite(norm)
+        if finite:
+            state.interval_loss += loss
+            state.interval_steps += 1
+        elif not (self.scaler.dynamic and math.isfinite(loss)):
+            state.skipped_steps += 1
+            self.logger.echo(f"step {state.step}: non-finite loss ({loss}) or gradient norm ({norm}); "
+                             f"step skipped on all ranks ({state.skipped_steps} so far, "
+                             f"train.max_nonfinite_steps {t.max_nonfinite_steps})")
+            if state.skipped_steps > t.max_nonfinite_steps:
+                raise TrainingError(f"{state.skipped_steps} non-finite steps, more than "
+                                    f"train.max_nonfinite_steps ({t.max_nonfinite_steps}); stopping")
+        self.logger.advance(state.step, loss if finite else None)
+        if state.step % cfg.log.every and state.step != t.max_steps:
+            return
+        elapsed = time.perf_counter() - self._interval_start
+        tokens_per_s = self._interval_tokens / elapsed
+        self.logger.log({
+            "step": state.step,
+            "loss": state.interval_loss / state.interval_steps if state.interval_steps else math.nan,
+            "lr": lr_at(state.step, t),
+            "grad_norm": norm,
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu(self.flops_per_token, tokens_per_s, self.peak, self.grid.world_size),
+            "consumed_samples": state.consumed_samples,
+            "mem_gib": peak_memory_gib(self.device),
+            "skipped_steps": state.skipped_steps,
+            "loss_scale": self.scaler.scale,
+        })
+        state.interval_loss, state.interval_steps = 0.0, 0
+        self._restart_interval()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Token-mean loss over the first `train.eval_steps` global batches of the validation split."""
+        cfg = self.cfg
+        self.model.eval()
+        loader = build_valid_loader(cfg, self.tokenizer, dp_rank=self.grid.dp_rank, dp_size=self.grid.dp)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for mb in islice(loader, cfg.train.eval_steps * self.accum):
+            tokens = mb["tokens"].to(self.device)
+            mask = mb["loss_mask"].to(self.device)
+            with autocast(self.precision, self.device):
+                losses = self.model(tokens[:, :-1], tokens[:, 1:])
+            totals[0] += (losses * mask).sum()
+            totals[1] += mask.sum()
+        self.model.train()
+        loss_sum, count = self._dp_sum(totals).tolist()
+        loss = loss_sum / count if count else math.nan
+        self.logger.log({"step": self.state.step, "val_loss": loss,
+                         "val_ppl": math.exp(min(loss, 50.0))})
+        self._restart_interval()
+        return loss
+
+    def save(self) -> Path:
+        start = time.perf_counter()
+        state = {
+            "format": 1,
+            "train_state": dataclasses.asdict(self.state),
+            "loss_scale": self.scaler.state_dict(),
+            "world": {"size": self.grid.world_size, "dp": self.grid.dp, "tp": self.grid.tp,
+                      "pp": self.grid.pp},
+        }
+        path = save_checkpoint(self.run_dir, self.state.step, self.model, self.optimizer, self.grid,
+                               self.device, self.cfg, self.tokenizer, state, self.cfg.train.keep_last)
+        self.last_saved = self.state.step
+        self.logger.echo(f"saved {path} in {time.perf_counter() - start:.1f}s")
+        self._restart_interval()
+        return path
+
+    def close(self) -> None:
+        self.logger.close()
+
+    def _restart_interval(self) -> None:
+        """Throughput counts training only: evaluation and checkpoint time are left out."""
+        self._interval_start, self._interval_tokens = time.perf_counter(), 0
+
+    def _dp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.grid.dp > 1:
+            dist.all_reduce(tensor, group=self.grid.group("dp"))
+        return tensor
