@@ -129,3 +129,13 @@ def test_average_keys_per_query():
     assert average_keys_per_query(4, None) == 2.5
     assert average_keys_per_query(4, 2) == (1 + 2 + 2 + 2) / 4
     assert average_keys_per_query(4, 4) == 2.5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_forward_tracks_fp32(dtype):
+    _, model = build("tiny-sc2")
+    ids = torch.randint(0, 8192, (1, 48))
+    ref = model(ids)
+    half = model.to(dtype)(ids)
+    assert half.dtype == dtype
+    assert (half.float() - ref).abs().max() < 0.05
