@@ -1,8 +1,9 @@
 """Reading weights from any kind of folder, and `load_model`.
 
-Folders understood: a native model folder (`config.yaml` + safetensors) and a Hugging Face model
-folder (`config.json` + safetensors, GPTBigCode or Starcoder2). Weights stream one tensor at a
-time under native names, unsharded and unpadded.
+Folders understood: a native model folder (`config.yaml` + safetensors), a Hugging Face model
+folder (`config.json` + safetensors, GPTBigCode or Starcoder2), a training run folder (its
+`checkpoints/latest`) and a checkpoint step folder. Weights stream one tensor at a time under
+native names, unsharded and unpadded.
 """
 
 from __future__ import annotations
@@ -24,16 +25,30 @@ def is_hf_folder(path: Path) -> bool:
     return (Path(path) / "config.json").is_file()
 
 
+def resolve_folder(path: str | Path) -> Path:
+    """The folder that holds the weights and tokenizer: a training run folder means its latest
+    step folder; any other folder means itself."""
+    from starcoder.training.checkpoint import resolve_checkpoint  # DCP loads only when needed
+
+    return resolve_checkpoint(path) or Path(path)
+
+
 def iter_weights(path: str | Path) -> tuple[Config, Iterator[tuple[str, torch.Tensor]]]:
-    """(config, iterator of (native name, full tensor)) for a native or Hugging Face folder."""
-    path = Path(path)
+    """(config, iterator of (native name, full tensor)) for a native or Hugging Face model folder,
+    a training run folder or a checkpoint step folder."""
+    from starcoder.training.checkpoint import is_step_folder, iter_checkpoint_weights
+
+    path = resolve_folder(path)
+    if is_step_folder(path):  # before is_model_folder: a step folder has a config.yaml too
+        return iter_checkpoint_weights(path)
     if is_model_folder(path):
         return iter_model_folder(path)
     if is_hf_folder(path):
         cfg = config_from_hf_folder(path)
         return cfg, hf_to_native(cfg.model, iter_safetensors(path))
-    raise FileNotFoundError(f"{path}: not a model folder (no config.yaml) nor a Hugging Face "
-                            f"model (no config.json)")
+    raise FileNotFoundError(f"{path}: not a model folder (no config.yaml), a Hugging Face model "
+                            f"(no config.json), a training run (no checkpoints/latest) nor a "
+                            f"checkpoint step folder (no trainer_state.json)")
 
 
 def config_from_hf_folder(path: Path) -> Config:

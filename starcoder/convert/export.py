@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from starcoder.api import config_from_hf_folder, iter_weights
+from starcoder.api import config_from_hf_folder, iter_weights, resolve_folder
 from starcoder.convert.hf import hf_config, hf_to_native, native_to_hf
 from starcoder.convert.native import copy_tokenizer_files, write_model_folder
 from starcoder.convert.sharded import DEFAULT_SHARD_SIZE, ShardedWriter, iter_safetensors
@@ -17,7 +17,7 @@ from starcoder.convert.sharded import DEFAULT_SHARD_SIZE, ShardedWriter, iter_sa
 def to_hf(source: str | Path, output: str | Path, max_shard_size: int | str = DEFAULT_SHARD_SIZE,
           dtype: torch.dtype | None = None) -> Path:
     """Any readable folder -> a Hugging Face model folder (config.json, safetensors, tokenizer)."""
-    source, output = Path(source), Path(output)
+    source, output = resolve_folder(source), Path(output)
     cfg, tensors = iter_weights(source)
     seen_dtype = None
     with ShardedWriter(output, max_shard_size) as writer:
