@@ -29,16 +29,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from starcoder.training.distributed import distributed_session
-    from starcoder.training.trainer import TrainingError, train
+    from starcoder.training.signals import StopRequest
 
-    cfg = load_config(args.config, args.overrides)
-    with distributed_session(cfg):
-        if int(os.environ.get("RANK", "0")) != 0:
-            logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for the run
-        try:
-            train(cfg)
-        except TrainingError as err:
-            logging.getLogger("starcoder.train").error("error: %s", err)
-            return 1
+    # First, before the slow imports and start-up: SIGTERM/SIGUSR1 during start-up must stop the
+    # run at its first step boundary, not kill it.
+    with StopRequest() as stop:
+        from starcoder.training.distributed import distributed_session
+        from starcoder.training.trainer import TrainingError, train
+
+        cfg = load_config(args.config, args.overrides)
+        with distributed_session(cfg):
+            if int(os.environ.get("RANK", "0")) != 0:
+                logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for the run
+            try:
+                train(cfg, stop)
+            except TrainingError as err:
+                logging.getLogger("starcoder.train").error("error: %s", err)
+                return 1
     return 0

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import signal
 
-import torch
-import torch.distributed as dist
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -35,8 +32,11 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self.signum = signum  # async-signal context: record only, act at the step boundary
 
-    def agreed(self, device: torch.device) -> int:
+    def agreed(self, device) -> int:
         """The signal number any rank received (0 if none), the same on every rank."""
+        import torch  # not at import time: the CLI installs the handlers before importing torch
+        import torch.distributed as dist
+
         if not (dist.is_available() and dist.is_initialized()):
             return self.signum
         flag = torch.tensor([self.signum], dtype=torch.int32, device=device)

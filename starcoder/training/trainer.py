@@ -67,12 +67,15 @@ class TrainState:
     interval_steps: int = 0
 
 
-def train(cfg: Config) -> TrainState:
+def train(cfg: Config, stop: StopRequest | None = None) -> TrainState:
     """Train, or resume from `<output_dir>/checkpoints/latest`, as configured. Runs in this
-    process alone, or as one rank of an initialised process group (see `distributed_session`)."""
+    process alone, or as one rank of an initialised process group (see `distributed_session`).
+    `stop`: signal handlers installed by the caller (the CLI installs them before anything slow,
+    so a signal during start-up cannot kill the process); by default installed here."""
     trainer = Trainer(cfg)
     try:
-        return trainer.run()
+        with contextlib.ExitStack() as stack:
+            return trainer.run(stop or stack.enter_context(StopRequest()))
     finally:
         trainer.close()
 
@@ -178,7 +181,7 @@ class Trainer:
         self.ddp = self.model
         if self.grid.dp > 1:
             self.ddp = DistributedDataParallel(
-                self.model, process_group=self.grid.group("dp"), broadcast_buffers=False,
+                self.model, process_group=self.grid.group("dp"),
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 gradient_as_bucket_view=True)
             self.ddp.register_comm_hook(self.grid.group("dp"), _sum_gradients)
@@ -188,7 +191,7 @@ class Trainer:
         self.peak = peak_tflops(self.device, cfg.log.peak_tflops)
         self.logger = MetricsLogger(cfg, self.run_dir, self.rank0, self.state.step)
 
-    def run(self) -> TrainState:
+    def run(self, stop: StopRequest) -> TrainState:
         cfg, t, state = self.cfg, self.cfg.train, self.state
         if self.rank0:
             self.logger.echo(f"training {t.max_steps} steps from step {state.step}: "
@@ -199,25 +202,22 @@ class Trainer:
                                           dp_size=self.grid.dp,
                                           consumed_samples=state.consumed_samples))
         self._interval_start, self._interval_tokens = time.perf_counter(), 0
-        with StopRequest() as stop:
-            while state.step < t.max_steps:
-                signum = stop.agreed(self.device)
-                if signum:
-                    self.logger.echo(f"received {signal.Signals(signum).name}: stopping at step "
-                                     f"{state.step}")
-                    break
-                micro_batches = list(islice(batches, self.accum))
-                if len(micro_batches) < self.accum:
-                    raise TrainingError(f"the training data ran out after {state.consumed_samples} "
-                                        "samples")
-                loss, norm = self.train_step(micro_batches, lr_at(state.step + 1, t))
-                self._account(loss, norm)
-                if t.eval_every and state.step % t.eval_every == 0:
-                    self.evaluate()
-                if t.save_every and state.step % t.save_every == 0:
-                    self.save()
-            if state.step > 0 and self.last_saved != state.step:
+        while state.step < t.max_steps:
+            signum = stop.agreed(self.device)
+            if signum:
+                self.logger.echo(f"received {signal.Signals(signum).name}: stopping at step {state.step}")
+                break
+            micro_batches = list(islice(batches, self.accum))
+            if len(micro_batches) < self.accum:
+                raise TrainingError(f"the training data ran out after {state.consumed_samples} samples")
+            loss, norm = self.train_step(micro_batches, lr_at(state.step + 1, t))
+            self._account(loss, norm)
+            if t.eval_every and state.step % t.eval_every == 0:
+                self.evaluate()
+            if t.save_every and state.step % t.save_every == 0:
                 self.save()
+        if state.step > 0 and self.last_saved != state.step:
+            self.save()
         return state
 
     def train_step(self, micro_batches: list[dict], lr: float) -> tuple[float, float]:
