@@ -148,7 +148,10 @@ class Trainer:
         self.grid = init_grid(cfg.parallel, self.device.type)
         self.accum = accumulation_steps(cfg, self.grid)
         self.precision = resolve_precision(t, self.device)
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        try:
+            self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"data.tokenizer: {err}") from None
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
                               f"tokenizer's vocabulary ({self.tokenizer.vocab_size})")
@@ -207,9 +210,7 @@ class Trainer:
             if signum:
                 self.logger.echo(f"received {signal.Signals(signum).name}: stopping at step {state.step}")
                 break
-            micro_batches = list(islice(batches, self.accum))
-            if len(micro_batches) < self.accum:
-                raise TrainingError(f"the training data ran out after {state.consumed_samples} samples")
+            micro_batches = [next(batches) for _ in range(self.accum)]  # the loader never ends
             loss, norm = self.train_step(micro_batches, lr_at(state.step + 1, t))
             self._account(loss, norm)
             if t.eval_every and state.step % t.eval_every == 0:
@@ -295,8 +296,12 @@ class Trainer:
     def evaluate(self) -> float:
         """Token-mean loss over the first `train.eval_steps` global batches of the validation split."""
         cfg = self.cfg
-        self.model.eval()
         loader = build_valid_loader(cfg, self.tokenizer, dp_rank=self.grid.dp_rank, dp_size=self.grid.dp)
+        if loader is None:
+            self.logger.echo(f"step {self.state.step}: no validation (data.split {cfg.data.split!r} "
+                             "gives the validation split no documents)")
+            return math.nan
+        self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         for mb in islice(loader, cfg.train.eval_steps * self.accum):
             tokens = mb["tokens"].to(self.device)

@@ -1,0 +1,59 @@
+"""Shared pieces of the training tests: a small real corpus and a tiny config.
+
+The model is tiny-sc2 cut down to 2 layers x 64 (window 16, sequence 32) so a step costs a few
+milliseconds; the corpus is a few standard-library files tokenised with the built-in tokenizer
+through the real data path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from starcoder.cli.demo import stdlib_sources
+from starcoder.config import Config, load_config
+
+TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+        "model.num_query_groups=2", "model.ffn_hidden_size=128", "model.sliding_window=16",
+        "train.seq_length=32", "train.global_batch_size=8", "train.micro_batch_size=4",
+        "train.max_steps=4", "train.warmup_steps=2", "train.lr_decay_steps=20", "train.lr=3e-3",
+        "log.every=1", "log.tensorboard=false", "log.progress_bar=false", "data.num_workers=0"]
+
+
+def make_corpus(folder: Path, files: int = 12) -> str:
+    from starcoder.data import preprocess_corpus
+
+    folder.mkdir(parents=True, exist_ok=True)
+    jsonl = folder / "docs.jsonl"
+    with open(jsonl, "w") as f:
+        for path in stdlib_sources(files):
+            f.write(json.dumps({"content": path.read_text(errors="replace")}) + "\n")
+    prefix = str(folder / "corpus")
+    preprocess_corpus([jsonl], "builtin:tiny", prefix, progress=False)
+    return prefix
+
+
+def tiny_config(corpus: str, out: Path, *overrides: str) -> Config:
+    return load_config("tiny-sc2", [*TINY, f"data.paths=[{corpus}]", f"train.output_dir={out}",
+                                    *overrides])
+
+
+def tiny_args(corpus: str, out: Path, *overrides: str) -> list[str]:
+    """The same config as `starcoder train` arguments."""
+    args = ["--config", "tiny-sc2"]
+    for item in [*TINY, f"data.paths=[{corpus}]", f"train.output_dir={out}", *overrides]:
+        args += ["--set", item]
+    return args
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in metrics(run_dir) if "loss" in r]
+
+
+def close(a: list[float], b: list[float], tol: float) -> bool:
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=0, abs_tol=tol) for x, y in zip(a, b))
