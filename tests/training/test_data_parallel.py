@@ -1,0 +1,168 @@
+"""Two gloo ranks against one process: the same losses for the same global batch, checkpoints
+that resume on the other layout, ZeRO-1, non-finite agreement, and tensor-parallel shards
+described by their global shape. One world serves the whole module."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from starcoder.config import ConfigError
+from starcoder.data import load_tokenizer
+from starcoder.models import gpt
+from starcoder.models.gpt import GPT
+from starcoder.models.init import init_weights
+from starcoder.parallel.grid import Grid, init_grid
+from starcoder.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from starcoder.training.optimizer import build_optimizer, optimizer_state
+from starcoder.training.trainer import build_model, train
+from tests.distributed import World
+from tests.training.helpers import close, losses, metrics, tiny_config
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world():
+    with World(2) as w:
+        yield w
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    """One process, 4 steps of 8 samples as 2 micro-batches of 4, a checkpoint every 2 steps."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    train(tiny_config(corpus, run, "train.save_every=2"))
+    return run
+
+
+def _train(corpus, out, overrides):
+    return train(tiny_config(corpus, Path(out), *overrides)).step
+
+
+def _train_error(corpus, out, overrides):
+    try:
+        train(tiny_config(corpus, Path(out), *overrides))
+    except ConfigError as err:
+        return str(err)
+
+
+def _resume_from(source: Path, step: int, dest: Path) -> Path:
+    """A copy of a run rolled back to its checkpoint at `step`."""
+    shutil.copytree(source, dest)
+    (dest / "checkpoints/latest").write_text(f"step_{step:07d}\n")
+    return dest
+
+
+def test_two_ranks_give_the_single_process_losses(world, corpus, reference, tmp_path):
+    # 2 ranks x 2 micro-batches of 2 = the same global batch of 8
+    world.run(_train, corpus, str(tmp_path / "dp"), ["train.micro_batch_size=2"])
+    assert close(losses(tmp_path / "dp"), losses(reference), 1e-5)
+    assert losses(tmp_path / "dp") != losses(reference)  # really computed apart, not copied
+
+    world.run(_train, corpus, str(tmp_path / "zero"),
+              ["train.micro_batch_size=2", "parallel.distributed_optimizer=true"])
+    assert losses(tmp_path / "zero") == losses(tmp_path / "dp")  # ZeRO-1 is exact
+    grad_norms = [r["grad_norm"] for r in metrics(tmp_path / "zero")]
+    assert grad_norms == [r["grad_norm"] for r in metrics(tmp_path / "dp")]
+
+
+def test_checkpoints_resume_on_the_other_layout(world, corpus, reference, tmp_path):
+    # one process -> two ranks with the distributed optimizer
+    run = _resume_from(reference, 2, tmp_path / "one_to_two")
+    world.run(_train, corpus, str(run), ["train.micro_batch_size=2", "parallel.distributed_optimizer=true",
+                                         "train.save_every=2"])
+    assert losses(run)[:2] == losses(reference)[:2]
+    assert close(losses(run), losses(reference), 1e-5)
+
+    # two ranks (ZeRO state sharded over them) -> one process
+    back = _resume_from(run, 2, tmp_path / "two_to_one")
+    train(tiny_config(corpus, back))
+    assert close(losses(back), losses(reference), 1e-5)
+
+
+def _train_with_nan_on_rank_one(corpus, out):
+    """Rank 1 alone produces a NaN loss in step 2; returns the skipped steps this rank counted."""
+    calls = {"n": 0}
+    real = gpt.OutputLayer.forward
+
+    def poisoned(self, h, weight, labels=None):
+        out = real(self, h, weight, labels)
+        calls["n"] += 1
+        nan = torch.distributed.get_rank() == 1 and calls["n"] == 3  # step 2, first micro-batch
+        return out * float("nan") if nan else out
+
+    gpt.OutputLayer.forward = poisoned
+    try:
+        return train(tiny_config(corpus, Path(out), "train.micro_batch_size=2", "train.max_steps=3")).skipped_steps
+    finally:
+        gpt.OutputLayer.forward = real
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_all(world, corpus, tmp_path):
+    out = tmp_path / "nan"
+    assert world.run(_train_with_nan_on_rank_one, corpus, str(out)) == [1, 1]
+    records = metrics(out)  # rank 0's own loss was finite: it skipped on the all-reduced one
+    assert [r["skipped_steps"] for r in records] == [0, 1, 1]
+    assert records[1]["loss"] is None
+
+
+def test_a_global_batch_that_does_not_divide_names_the_key(world, corpus, tmp_path):
+    errors = world.run(_train_error, corpus, str(tmp_path / "bad"), ["train.micro_batch_size=8"])
+    assert errors[0] == errors[1] == ("train.global_batch_size: 8 is not divisible by "
+                                      "train.micro_batch_size x data-parallel size (8 x 2)")
+
+
+def _save_tensor_parallel(corpus, out):
+    """Both ranks as tensor-parallel halves: fc_in of block 0 split by rows (column parallel),
+    one Adam step with a gradient known in full, then a checkpoint."""
+    cfg = tiny_config(corpus, Path(out), "parallel.tensor_parallel=2")
+    grid = init_grid(cfg.parallel, "cpu")
+    model = GPT(cfg.model)
+    layer = model.blocks["0"].mlp.fc_in
+    for name in ("weight", "bias"):
+        full = getattr(layer, name)
+        rows = full.shape[0] // grid.tp
+        shard = nn.Parameter(torch.empty(rows, *full.shape[1:]))
+        shard.full_shape = tuple(full.shape)
+        shard.shard_slices = (slice(grid.tp_rank * rows, (grid.tp_rank + 1) * rows),)
+        setattr(layer, name, shard)
+    init_weights(model, cfg.model, cfg.train.seed)
+    opt = build_optimizer(model, cfg, grid, CPU)
+    for p in model.parameters():
+        shape = getattr(p, "full_shape", p.shape)
+        full_grad = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).view(shape) * 1e-5
+        p.grad = full_grad[getattr(p, "shard_slices", ())].clone()
+    opt.step()
+    state = {"train_state": {"step": 1}, "world": {"size": 2, "tp": 2}}
+    save_checkpoint(out, 1, model, opt, grid, CPU, cfg, load_tokenizer(cfg.data.tokenizer), state)
+    return tuple(layer.weight.shape)
+
+
+def test_tensor_parallel_shards_are_saved_by_global_shape(world, corpus, tmp_path):
+    shapes = world.run(_save_tensor_parallel, corpus, str(tmp_path / "tp"))
+    assert shapes == [(64, 64), (64, 64)]  # each rank held half of the 128 rows
+    cfg = tiny_config(corpus, tmp_path / "tp")
+    expected = GPT(cfg.model)
+    init_weights(expected, cfg.model, cfg.train.seed)
+
+    model = build_model(cfg, Grid(), CPU)  # one process, unsharded
+    opt = build_optimizer(model, cfg, Grid(), CPU)
+    load_checkpoint(latest_checkpoint(tmp_path / "tp"), model, opt, Grid(), CPU, cfg)
+    weight = model.blocks["0"].mlp.fc_in.weight
+    # AdamW's first step: decay, then move by lr * g / (|g| + eps)
+    lr, g = cfg.train.lr, torch.arange(weight.numel(), dtype=torch.float32).view(weight.shape) * 1e-5
+    moved = expected.blocks["0"].mlp.fc_in.weight * (1 - lr * 0.1) - lr * g / (g.abs() + 1e-8)
+    assert torch.allclose(weight, moved, rtol=0, atol=1e-7)
+    exp_avg = optimizer_state(opt, model)["blocks.0.mlp.fc_in.weight"]["exp_avg"]
+    assert torch.allclose(exp_avg, 0.1 * g, rtol=1e-6, atol=0)

@@ -1,0 +1,107 @@
+"""Real processes: SIGKILL and restart (bit-exact), SIGTERM to one of two ranks (every rank
+saves at the same step and exits 0), and the embedded default run end to end (short)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import torch
+
+from starcoder.cli import main
+from starcoder.training.checkpoint import latest_checkpoint, read_state
+from starcoder.training.trainer import train
+from tests.training.helpers import metrics, tiny_args, tiny_config
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def starcoder_train(args, env=ENV, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "starcoder", "train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_sigkill_after_a_checkpoint_then_restart_logs_identical_losses(corpus, tmp_path):
+    args = tiny_args(corpus, tmp_path / "run", "train.max_steps=8", "train.save_every=3")
+    # The first run SIGKILLs itself in the middle of step 5 (after the checkpoint of step 3 and
+    # the log line of step 4): a patch in this launcher, not in the trainer.
+    killer = textwrap.dedent(f"""
+        import os, signal, sys
+        from starcoder.training import trainer
+        real = trainer.Trainer.train_step
+        def train_step(self, micro_batches, lr):
+            if self.state.step == 4:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(self, micro_batches, lr)
+        trainer.Trainer.train_step = train_step
+        from starcoder.cli import main
+        sys.exit(main(["train"] + {args!r}))
+    """)
+    first = subprocess.run([sys.executable, "-c", killer], env=ENV, capture_output=True, text=True)
+    assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
+    assert latest_checkpoint(tmp_path / "run").name == "step_0000003"
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3, 4]
+
+    second = starcoder_train(args)
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, out
+    assert "resumed from" in out and "step_0000003" in out
+
+    torch.set_num_threads(1)  # the reference, uninterrupted, in this process
+    train(tiny_config(corpus, tmp_path / "reference", "train.max_steps=8", "train.save_every=3"))
+    resumed = [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in metrics(tmp_path / "run")]
+    reference = [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in metrics(tmp_path / "reference")]
+    assert resumed == reference  # bit for bit
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_to_one_rank_saves_on_every_rank_and_all_exit_0(corpus, tmp_path):
+    run = tmp_path / "run"
+    args = tiny_args(corpus, run, "train.max_steps=100000", "train.micro_batch_size=2")
+    port = str(free_port())
+    ranks = [starcoder_train(args, env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for r in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "metrics.jsonl").is_file() and len(metrics(run)) >= 3):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in ranks), \
+                [p.communicate()[0] for p in ranks if p.poll() is not None]
+            time.sleep(0.05)
+        ranks[1].send_signal(signal.SIGTERM)  # only rank 1 hears it
+        outputs = [p.communicate(timeout=120)[0] for p in ranks]
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in ranks] == [0, 0], outputs
+    step = read_state(latest_checkpoint(run))["train_state"]["step"]
+    assert 3 <= step < 100000
+    assert f"received SIGTERM: stopping at step {step}" in outputs[0]  # rank 0 learnt it by all-reduce
+    assert metrics(run)[-1]["step"] == step
+
+
+def test_the_embedded_default_run_short(tmp_path, capsys):
+    """`make train` runs `python -m starcoder demo`; this is the same path with 2 steps on 8 files."""
+    threads = torch.get_num_threads()
+    try:
+        assert main(["demo", "--output-dir", str(tmp_path), "--steps", "2", "--max-files", "8",
+                     "--threads", "1", "--set", "log.progress_bar=false"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "--- completion" in out and "--- fill-in-the-middle" in out
+    assert "def fibonacci(n):" in out
+    assert latest_checkpoint(tmp_path / "run").name == "step_0000002"
+    config = json.loads((tmp_path / "hf/config.json").read_text())
+    assert config["architectures"] == ["Starcoder2ForCausalLM"]
+    assert (tmp_path / "hf/tokenizer.json").is_file() and (tmp_path / "data/stdlib.idx").is_file()
