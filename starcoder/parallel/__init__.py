@@ -5,7 +5,7 @@ from starcoder.parallel.dtensor import to_dtensor
 from starcoder.parallel.grads import (any_nonfinite, clip_grad_norm_, copy_group, grad_norm,
                                       reduce_replicated_grads)
 from starcoder.parallel.grid import Grid, init_grid
-from starcoder.parallel.parallelize import parallelize
+from starcoder.parallel.parallelize import materialize, parallelize
 
-__all__ = ["Grid", "init_grid", "parallelize", "reduce_replicated_grads", "grad_norm",
+__all__ = ["Grid", "init_grid", "parallelize", "materialize", "reduce_replicated_grads", "grad_norm",
            "clip_grad_norm_", "any_nonfinite", "copy_group", "to_dtensor"]

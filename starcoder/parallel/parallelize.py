@@ -69,6 +69,17 @@ def parallelize(model: GPT, grid: Grid) -> GPT:
     return model
 
 
+def materialize(model: nn.Module, device) -> nn.Module:
+    """`model.to_empty(device=device)` keeping each parameter's shard description, for a model
+    built and parallelized on the meta device (to_empty makes new parameter objects and drops
+    their attributes). Follow with `init_weights`."""
+    descriptions = {name: dict(p.__dict__) for name, p in model.named_parameters()}
+    model.to_empty(device=device)
+    for name, p in model.named_parameters():
+        p.__dict__.update(descriptions[name])
+    return model
+
+
 def _parallelize_block(block: Block, grid: Grid, copies: int) -> None:
     attn, mlp = block.attn, block.mlp
     attn.q_proj = ColumnParallelLinear.from_dense(attn.q_proj, grid, enter_region=False)
