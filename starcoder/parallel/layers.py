@@ -162,7 +162,6 @@ class VocabParallelOutputLayer(nn.Module):
     def __init__(self, weight: nn.Parameter | None, vocab_size: int, grid: Grid):
         super().__init__()
         self.weight, self.vocab_size, self.grid = weight, vocab_size, grid
-        self.backend = "torch"
 
     @classmethod
     def from_dense(cls, dense: nn.Module, grid: Grid) -> "VocabParallelOutputLayer":

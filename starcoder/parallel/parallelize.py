@@ -63,9 +63,7 @@ def parallelize(model: GPT, grid: Grid) -> GPT:
     for block in model.blocks.values():
         _parallelize_block(block, grid, copies)
     _mark_norm(model.final_norm, grid)
-    backend = model.head.backend
     model.head = VocabParallelOutputLayer.from_dense(model.head, grid)
-    model.head.backend = backend
     return model
 
 

@@ -20,8 +20,12 @@ REL_TOL = 1e-5
 KEY_BIAS_ABS_TOL = 1e-7  # its exact gradient is zero (softmax is shift-invariant): rounding only
 
 LAYOUTS = [(preset, tp, sp) for preset in ("tiny-sc1", "tiny-sc2") for tp in (2, 4) for sp in (False, True)]
-# Untied output layer and a vocabulary that needs padding (8064 rows at TP 1, 8192 at TP 4).
-PADDED = ("tiny-sc2", 4, True, ("model.vocab_size=8000", "model.tie_word_embeddings=false"))
+EXTRA = [
+    # Untied output layer and a vocabulary that needs padding (8064 rows at TP 1, 8192 at TP 4).
+    ("tiny-sc2", 4, True, ("model.vocab_size=8000", "model.tie_word_embeddings=false")),
+    # Several KV heads per rank (4 KV heads at TP 2, as StarCoder2-7B/15B at TP 2).
+    ("tiny-sc2", 2, True, ("model.num_query_groups=4",)),
+]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +84,7 @@ def _parity(preset, tp, sp, overrides=()):
     return out
 
 
-@pytest.mark.parametrize("preset,tp,sp,overrides", [(*layout, ()) for layout in LAYOUTS] + [PADDED],
+@pytest.mark.parametrize("preset,tp,sp,overrides", [(*layout, ()) for layout in LAYOUTS] + EXTRA,
                          ids=lambda v: "-".join(v) if isinstance(v, tuple) else str(v))
 def test_logits_loss_and_every_gradient_match_single_process(world, preset, tp, sp, overrides):
     for rank, r in enumerate(world.run(_parity, preset, tp, sp, overrides)):
