@@ -40,10 +40,10 @@ def reduce_replicated_grads(model: nn.Module, grid: Grid) -> None:
     """Sum the gradients of parameters whose copies each saw part of the gradient (KV heads shared
     by several TP ranks; LayerNorms, row-parallel biases and positions under sequence parallel),
     one flat all-reduce per group. All copies end with the same, full gradient."""
-    buckets: dict[int, list[torch.Tensor]] = {}
+    buckets: dict[tuple, list[torch.Tensor]] = {}
     for param in model.parameters():
         if getattr(param, "partial_grad", False) and param.grad is not None:
-            buckets.setdefault(tp_copies(param), []).append(param)
+            buckets.setdefault((tp_copies(param), param.grad.dtype), []).append(param)
     for params in buckets.values():
         grads = [p.grad for p in params]
         flat = _flatten_dense_tensors(grads)

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from starcoder.parallel.collectives import (copy_to_tp, gather_from_sp, gather_from_tp,
-                                            reduce_from_tp, reduce_scatter_to_sp, scatter_to_tp)
+                                            reduce_from_tp, reduce_scatter_to_sp)
 from starcoder.parallel.cross_entropy import vocab_parallel_cross_entropy
 from starcoder.parallel.grid import Grid
 
@@ -88,25 +88,20 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """y = x W^T + b with W split by input columns: each rank multiplies its part of the input and
     the partial sums are reduced (or reduce-scattered along the sequence); the bias is replicated
-    and added once, after the reduction. `input_is_parallel=False` splits a replicated input."""
+    and added once, after the reduction."""
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, grid: Grid,
-                 input_is_parallel: bool = True):
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, grid: Grid):
         super().__init__()
-        self.weight, self.bias = weight, bias
-        self.grid, self.input_is_parallel = grid, input_is_parallel
+        self.weight, self.bias, self.grid = weight, bias, grid
 
     @classmethod
-    def from_dense(cls, dense: nn.Linear, grid: Grid, input_is_parallel: bool = True) -> "RowParallelLinear":
+    def from_dense(cls, dense: nn.Linear, grid: Grid) -> "RowParallelLinear":
         weight = shard_parameter(dense.weight, (slice(None), _equal_share(dense.in_features, grid)))
-        bias = dense.bias
-        if bias is not None:
-            mark_replicated(bias, grid, partial_grad=grid.sequence_parallel)
-        return cls(weight, bias, grid, input_is_parallel)
+        if dense.bias is not None:
+            mark_replicated(dense.bias, grid, partial_grad=grid.sequence_parallel)
+        return cls(weight, dense.bias, grid)
 
     def forward(self, x: torch.Tensor, return_bias: bool = False):
-        if not self.input_is_parallel:
-            x = scatter_to_tp(x, self.grid.group("tp"))
         y = output_from_tp(F.linear(x, self.weight), self.grid)
         if return_bias:
             return y, self.bias
@@ -121,7 +116,7 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, weight: nn.Parameter, grid: Grid):
         super().__init__()
         self.weight, self.grid = weight, grid
-        self.start = weight.shard_slices[0].start if hasattr(weight, "shard_slices") else 0
+        self.start = weight.shard_slices[0].start
 
     @classmethod
     def from_dense(cls, dense: nn.Embedding, grid: Grid) -> "VocabParallelEmbedding":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from starcoder.parallel import Grid, clip_grad_norm_, grad_norm, reduce_replicated_grads
 from tests.distributed import World
