@@ -24,7 +24,7 @@ is a boundary between a printable ASCII character and ASCII whitespace (a "hard"
 
 Hence encode(s) = encode(s[:h]) + encode(s[h:]) at every hard boundary h of any string s. A part
 s = x[a:b] of the decoded segment x keeps the original tokens between its first and last hard
-boundary (the original document's encoding splits there too) and re-encodes only from a to the
+boundary in [a, b] (the original document's encoding splits there too) and re-encodes only from a to the
 first and from the last to b: the re-pre-tokenised window grows outward from each cut until it
 reaches a boundary where the original and the cut pre-tokenisations provably coincide. Hard
 boundaries are found from token tables alone: a token ending in printable ASCII followed by one
@@ -168,8 +168,8 @@ class PartEncoder:
         pos = offsets[hard] + orphans  # their character offsets
         plan = []
         for a, b in spans:
-            lo, hi = np.searchsorted(pos, a, side="right"), np.searchsorted(pos, b, side="left")
-            if lo >= hi:  # no hard boundary strictly inside: encode the span whole
+            lo, hi = np.searchsorted(pos, a, side="left"), np.searchsorted(pos, b, side="right")
+            if lo >= hi:  # no hard boundary in [a, b]: encode the span whole
                 plan.append((text[a:b], None, ""))
                 continue
             first, last = int(pos[lo]), int(pos[hi - 1])

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tokenizers"
 EOD = "<|endoftext|>"
@@ -28,8 +27,7 @@ class MissingTokenError(ValueError):
     """The tokenizer lacks a special token that the requested feature needs."""
 
 
-@dataclass(frozen=True)
-class FimIds:
+class FimIds(NamedTuple):
     prefix: int
     middle: int
     suffix: int
@@ -167,8 +165,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.name = name or str(self.path)
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
         self.vocab_size = self.sp.get_piece_size()
-        self._special = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
-                         if self.sp.is_control(i) or self.sp.is_user_defined(i)}
+        self._special = {self.sp.id_to_piece(i): i for i in _special_piece_ids(self.sp)}
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
@@ -201,6 +198,19 @@ class SentencePieceTokenizer(Tokenizer):
         if target.resolve() != self.path.resolve():
             shutil.copyfile(self.path, target)
         return target
+
+
+def _special_piece_ids(sp) -> list[int]:
+    """Control and user-defined pieces (the latter need the model proto to be told apart)."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb2
+
+        proto = pb2.ModelProto()
+        proto.ParseFromString(sp.serialized_model_proto())
+        kinds = (pb2.ModelProto.SentencePiece.CONTROL, pb2.ModelProto.SentencePiece.USER_DEFINED)
+        return [i for i, piece in enumerate(proto.pieces) if piece.type in kinds]
+    except ImportError:  # protobuf missing: control pieces only
+        return [i for i in range(sp.get_piece_size()) if sp.is_control(i)]
 
 
 def load_tokenizer(spec: str | Path) -> Tokenizer:
