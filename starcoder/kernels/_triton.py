@@ -12,6 +12,9 @@ import torch
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Compiled kernels autotune over a few tiles per shape; STARCODER_AUTOTUNE=0 pins the first tile
+# instead (the compiled test run uses it: many small shapes, each would otherwise tune).
+AUTOTUNE = not INTERPRET and os.environ.get("STARCODER_AUTOTUNE", "1") != "0"
 
 # fp32 tests under the interpreter and on GPUs; the interpreter computes bf16 `tl.dot` wrongly,
 # so bf16 is only checked compiled.

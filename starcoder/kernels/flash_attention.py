@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from starcoder.kernels._triton import INTERPRET, check_dtype, last_dim_contiguous
+from starcoder.kernels._triton import AUTOTUNE, INTERPRET, check_dtype, last_dim_contiguous
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -371,19 +371,25 @@ DELTA_BLOCK_M = 64
 INTERPRETER_BLOCKS = {"fwd": (16, 16), "dkdv": (16, 16), "dq": (16, 16)}
 
 _TUNE_KEY = ["seq_len", "HEAD_DIM", "CAUSAL", "WINDOWED"]
-if INTERPRET:
-    _fwd_kernel, _dkdv_kernel, _dq_kernel = _attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq
-else:
-    _fwd_kernel = triton.autotune(FWD_CONFIGS, key=_TUNE_KEY)(_attn_fwd)
-    _dkdv_kernel = triton.autotune(DKDV_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv)
-    _dq_kernel = triton.autotune(DQ_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dq)
+_KERNELS = {"fwd": (_attn_fwd, FWD_CONFIGS), "dkdv": (_attn_bwd_dkdv, DKDV_CONFIGS),
+            "dq": (_attn_bwd_dq, DQ_CONFIGS)}
+_TUNED = {name: triton.autotune(configs, key=_TUNE_KEY)(kernel)
+          for name, (kernel, configs) in _KERNELS.items()} if AUTOTUNE else {}
 
 
-def _launch(kernel, name: str, grid, *args, **constexprs):
+def _launch(name: str, grid, *args, **constexprs):
+    """Autotuned when compiled; else a fixed tile (the interpreter's, or the first config)."""
+    if name in _TUNED:
+        _TUNED[name][grid](*args, **constexprs)
+        return
+    kernel, configs = _KERNELS[name]
     if INTERPRET:
         block_m, block_n = INTERPRETER_BLOCKS[name]
-        constexprs.update(BLOCK_M=block_m, BLOCK_N=block_n)
-    kernel[grid](*args, **constexprs)
+        options = dict(BLOCK_M=block_m, BLOCK_N=block_n)
+    else:
+        config = configs[0]
+        options = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    kernel[grid](*args, **constexprs, **options)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -404,7 +410,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     def grid(meta):
         return triton.cdiv(seq, meta["BLOCK_M"]), batch * q_heads
 
-    _launch(_fwd_kernel, "fwd", grid, q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v),
+    _launch("fwd", grid, q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v),
             *_strides(out), seq, q_heads, q_heads // k.shape[2], window or 0, scale * LOG2E,
             HEAD_DIM=head_dim, CAUSAL=causal, WINDOWED=window is not None)
     return out, lse
@@ -440,10 +446,10 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     def dq_grid(meta):
         return triton.cdiv(seq, meta["BLOCK_M"]), batch * q_heads
 
-    _launch(_dkdv_kernel, "dkdv", dkdv_grid, q, k, v, grad_out, dk, dv, lse, delta, *qkv_strides,
+    _launch("dkdv", dkdv_grid, q, k, v, grad_out, dk, dv, lse, delta, *qkv_strides,
             *_strides(dk), seq, q_heads, kv_heads, q_heads // kv_heads, window or 0,
             scale * LOG2E, scale, **common)
-    _launch(_dq_kernel, "dq", dq_grid, q, k, v, grad_out, dq, lse, delta, *qkv_strides,
+    _launch("dq", dq_grid, q, k, v, grad_out, dq, lse, delta, *qkv_strides,
             *_strides(dq), seq, q_heads, q_heads // kv_heads, window or 0, scale * LOG2E, scale,
             **common)
     return dq, dk, dv
