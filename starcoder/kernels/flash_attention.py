@@ -366,6 +366,10 @@ def _configs(shapes):
 FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)])
 DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)])
 DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)])
+# fp32 inputs (tests; compiled fp32 dots run as TF32) need twice the shared memory per tile:
+# one small fixed tile per kernel, not tuned.
+FP32_CONFIGS = {"fwd": _configs([(64, 32, 4, 2)])[0], "dkdv": _configs([(32, 64, 4, 2)])[0],
+                "dq": _configs([(64, 32, 4, 2)])[0]}
 DELTA_BLOCK_M = 64
 # Tiles the interpreter uses: (BLOCK_M, BLOCK_N) per kernel.
 INTERPRETER_BLOCKS = {"fwd": (16, 16), "dkdv": (16, 16), "dq": (16, 16)}
@@ -377,19 +381,18 @@ _TUNED = {name: triton.autotune(configs, key=_TUNE_KEY)(kernel)
           for name, (kernel, configs) in _KERNELS.items()} if AUTOTUNE else {}
 
 
-def _launch(name: str, grid, *args, **constexprs):
-    """Autotuned when compiled; else a fixed tile (the interpreter's, or the first config)."""
-    if name in _TUNED:
-        _TUNED[name][grid](*args, **constexprs)
-        return
+def _launch(name: str, grid, fp32: bool, *args, **constexprs):
+    """Autotuned when compiled; else a fixed tile (the interpreter's, fp32's, or the first)."""
     kernel, configs = _KERNELS[name]
     if INTERPRET:
         block_m, block_n = INTERPRETER_BLOCKS[name]
-        options = dict(BLOCK_M=block_m, BLOCK_N=block_n)
+        kernel[grid](*args, **constexprs, BLOCK_M=block_m, BLOCK_N=block_n)
+    elif name in _TUNED and not fp32:
+        _TUNED[name][grid](*args, **constexprs)
     else:
-        config = configs[0]
-        options = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    kernel[grid](*args, **constexprs, **options)
+        config = FP32_CONFIGS[name] if fp32 else configs[0]
+        kernel[grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps,
+                     num_stages=config.num_stages)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -410,7 +413,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
     def grid(meta):
         return triton.cdiv(seq, meta["BLOCK_M"]), batch * q_heads
 
-    _launch("fwd", grid, q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v),
+    _launch("fwd", grid, q.dtype == torch.float32, q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v),
             *_strides(out), seq, q_heads, q_heads // k.shape[2], window or 0, scale * LOG2E,
             HEAD_DIM=head_dim, CAUSAL=causal, WINDOWED=window is not None)
     return out, lse
@@ -446,10 +449,10 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     def dq_grid(meta):
         return triton.cdiv(seq, meta["BLOCK_M"]), batch * q_heads
 
-    _launch("dkdv", dkdv_grid, q, k, v, grad_out, dk, dv, lse, delta, *qkv_strides,
+    _launch("dkdv", dkdv_grid, q.dtype == torch.float32, q, k, v, grad_out, dk, dv, lse, delta, *qkv_strides,
             *_strides(dk), seq, q_heads, kv_heads, q_heads // kv_heads, window or 0,
             scale * LOG2E, scale, **common)
-    _launch("dq", dq_grid, q, k, v, grad_out, dq, lse, delta, *qkv_strides,
+    _launch("dq", dq_grid, q.dtype == torch.float32, q, k, v, grad_out, dq, lse, delta, *qkv_strides,
             *_strides(dq), seq, q_heads, q_heads // kv_heads, window or 0, scale * LOG2E, scale,
             **common)
     return dq, dk, dv

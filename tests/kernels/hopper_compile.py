@@ -39,12 +39,14 @@ def _specs():
         runs = [(128, c, True, True) for c in configs] + [
             (32, configs[0], True, True), (64, configs[0], True, True),
             (128, configs[0], True, False), (128, configs[0], False, False)]
-        for head_dim, c, causal, windowed in runs:
+        runs = [(d, c, causal, windowed, "*bf16") for d, c, causal, windowed in runs]
+        runs.append((128, fa.FP32_CONFIGS[name], True, True, "*fp32"))
+        for head_dim, c, causal, windowed, dtype in runs:
             mask = "causal" if causal else "full"
             mask += "+window" if windowed else ""
-            specs.append((f"attention {name} d={head_dim} {mask} {c.kwargs} w={c.num_warps} "
-                          f"s={c.num_stages}", "starcoder.kernels.flash_attention", kernel,
-                          {**attn_ptrs(ptrs, "*bf16"), **fp32_ptrs}, {"qk_scale", "scale"},
+            specs.append((f"attention {name} {dtype[1:]} d={head_dim} {mask} {c.kwargs} "
+                          f"w={c.num_warps} s={c.num_stages}", "starcoder.kernels.flash_attention",
+                          kernel, {**attn_ptrs(ptrs, dtype), **fp32_ptrs}, {"qk_scale", "scale"},
                           dict(c.kwargs, HEAD_DIM=head_dim, CAUSAL=causal, WINDOWED=windowed),
                           dict(num_warps=c.num_warps, num_stages=c.num_stages)))
     specs.append(("attention delta d=128", "starcoder.kernels.flash_attention", "_bwd_delta",
