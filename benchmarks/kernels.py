@@ -1,7 +1,7 @@
 """Kernel microbenchmarks: the Triton kernels side by side with their peers, in one run.
 
-    python benchmarks/kernels.py [--smoke] [--only attention,layer_norm,bias_gelu,rope,cross_entropy]
-                                 [--out DIR]
+    python benchmarks/kernels.py [--smoke] [--quick] [--out DIR]
+                                 [--only attention,layer_norm,bias_gelu,rope,cross_entropy]
 
 On a GPU (bf16): attention against every scaled_dot_product_attention backend (flash, cuDNN,
 efficient, math with an explicit mask), FlexAttention; LayerNorm, bias-GeLU, RoPE and
@@ -16,7 +16,9 @@ that ran (or the fp32 reference in smoke mode).
 Without a GPU it runs a tiny smoke version on the CPU (kernels under the Triton interpreter), so
 the script itself can be checked anywhere; those numbers mean nothing.
 
-Each section's table is printed and written to DIR (default ./gpu_out) as soon as it is done:
+`--quick` (what benchmarks/gpu_check.sh uses to fit its time) runs FlexAttention and masked math
+SDPA, which compile or allocate a lot, only on the two target cases (causal MHA 8K, window + GQA
+8K). Each section's table is printed and written to DIR (default ./gpu_out) as soon as it is done:
 attention.md + attention.png, kernels.md + kernels.png.
 """
 
@@ -156,7 +158,7 @@ def _sdpa_mask(seq, causal, window):
     return mask
 
 
-def attention_impls(case, q, k, v):
+def attention_impls(case, q, k, v, quick):
     """name -> (fn(q, k, v) -> out [b, s, h, d]) or a string saying why it is not run."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -181,8 +183,12 @@ def attention_impls(case, q, k, v):
             impls[name] = "no sliding-window mask"
         else:
             impls[name + (" (mask)" if window is not None else "")] = sdpa(backend, window is not None)
+    heavy = not quick or case.get("target", False)
     scores_gb = case["batch"] * q.shape[2] * seq * seq * 4 * 3 / 1e9  # scores, probs, grads (fp32)
     free_gb = torch.cuda.mem_get_info()[0] / 1e9 if CUDA else 8.0
+    if not heavy:
+        impls["sdpa math (mask)"] = impls["flex attention"] = "skipped by --quick"
+        return impls
     impls["sdpa math (mask)"] = (sdpa(SDPBackend.MATH, True) if scores_gb < 0.6 * free_gb
                                  else f"needs ~{scores_gb:.0f} GB for the scores")
     impls["flex attention"] = _flex(case, gqa) if CUDA else "compiled GPU kernel; skipped in smoke mode"
@@ -209,16 +215,17 @@ def _flex(case, gqa):
     return run
 
 
-def bench_attention(out: Path, smoke: bool, peaks: dict) -> None:
+def bench_attention(out: Path, smoke: bool, quick: bool, peaks: dict) -> None:
     dtype = torch.float32 if smoke else torch.bfloat16
     d = 32 if smoke else 128
     if smoke:
         cases = [dict(name="causal s=80", batch=1, seq=80, hq=2, hk=2, window=None),
                  dict(name="window 24 + GQA s=80", batch=1, seq=80, hq=4, hk=2, window=24)]
     else:
-        cases = [dict(name="causal MHA 8K", batch=2, seq=8192, hq=16, hk=16, window=None),
+        cases = [dict(name="causal MHA 8K", batch=2, seq=8192, hq=16, hk=16, window=None, target=True),
                  dict(name="causal MQA 8K (1B)", batch=2, seq=8192, hq=16, hk=1, window=None),
-                 dict(name="window 4096 + GQA 8K (SC2)", batch=1, seq=8192, hq=32, hk=4, window=4096),
+                 dict(name="window 4096 + GQA 8K (SC2)", batch=1, seq=8192, hq=32, hk=4, window=4096,
+                      target=True),
                  dict(name="causal MHA 16K", batch=1, seq=16384, hq=16, hk=16, window=None)]
     report = Report(out, "attention", f"## Attention ({dtype}, head_dim {d}) on "
                     f"{torch.cuda.get_device_name() if CUDA else 'CPU (smoke: interpreter)'}\n\n"
@@ -236,7 +243,7 @@ def bench_attention(out: Path, smoke: bool, peaks: dict) -> None:
         rows, results, reference = [], {}, None
         if smoke:
             reference = K.attention_reference(q, k, v, window=case["window"]).float()
-        for name, impl in attention_impls(case, q, k, v).items():
+        for name, impl in attention_impls(case, q, k, v, quick).items():
             if isinstance(impl, str):
                 results[name] = impl
                 continue
@@ -487,6 +494,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (the default without a GPU)")
+    parser.add_argument("--quick", action="store_true",
+                        help="FlexAttention and masked math SDPA on the two target cases only")
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--out", default=os.environ.get("OUT", "gpu_out"),
@@ -504,7 +513,7 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}; measured copy {peaks['copy_gbs']:.0f} GB/s, matmul "
           f"{peaks['matmul_tflops']:.1f} TFLOP/s", flush=True)
     if "attention" in only:
-        bench_attention(out, smoke, peaks)
+        bench_attention(out, smoke, args.quick, peaks)
     rest = only - {"attention"}
     if rest:
         dtype = torch.float32 if smoke else torch.bfloat16

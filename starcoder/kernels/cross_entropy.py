@@ -298,8 +298,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          chunk_rows: int | None = None) -> torch.Tensor:
     """cross_entropy(hidden @ weight.T, labels) per token (fp32, label -100 -> 0), chunked.
 
-    hidden [..., h], weight [vocab, h], labels [...]. Logits are computed in hidden's dtype (the
-    weight is cast to it, as autocast would) and never all at once.
+    hidden [..., h], weight [vocab, h], labels [...]. Logits are computed in the autocast dtype
+    when autocast is on, else in hidden's dtype (the weight is cast to it), never all at once.
     """
     check_dtype("linear_cross_entropy hidden", hidden)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -308,9 +308,14 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"linear_cross_entropy: labels {tuple(labels.shape)} must be hidden's "
                          f"leading dims {tuple(hidden.shape[:-1])}")
-    hidden2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    # Custom ops are opaque to autocast: cast here as F.linear would, so forward and backward
+    # (which runs outside the autocast region) compute the same logits in the same dtype.
+    device_type = hidden.device.type
+    dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+             else hidden.dtype)
+    hidden2 = hidden.reshape(-1, hidden.shape[-1]).to(dtype).contiguous()
     tokens = hidden2.shape[0]
     chunk_rows = chunk_rows or default_chunk_rows(tokens, weight.shape[1], weight.shape[0])
-    loss, _ = _lce_forward_op(hidden2, weight.to(hidden.dtype).contiguous(),
+    loss, _ = _lce_forward_op(hidden2, weight.to(dtype).contiguous(),
                               labels.reshape(-1).long().contiguous(), int(chunk_rows))
     return loss.view(labels.shape)

@@ -103,6 +103,24 @@ def test_linear_cross_entropy(dtype, chunk_rows):
     assert_close(dw, dw_ref, 2 * tol, "dweight")
 
 
+def test_linear_cross_entropy_follows_autocast():
+    """Under autocast (as the trainer runs) the logits are computed in the autocast dtype, like
+    F.linear, and the gradients come back in the parameters' fp32."""
+    g = torch.Generator().manual_seed(17)
+    hidden = randn(2, 9, 32, dtype=torch.float32, generator=g)
+    weight = randn(VOCAB, 32, dtype=torch.float32, generator=g, scale=0.5)
+    labels = make_labels((2, 9), VOCAB, g)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, labels, chunk_rows=8)
+        ref = cross_entropy_reference(torch.nn.functional.linear(hidden, weight), labels)
+    dh, dw = torch.autograd.grad(loss.sum(), (hidden, weight))
+    dh_ref, dw_ref = torch.autograd.grad(ref.sum(), (hidden, weight))
+    assert dh.dtype == dw.dtype == torch.float32
+    assert_close(loss, ref, 1e-5, "loss")  # the same bf16 logits, reduced in fp32
+    assert_close(dh, dh_ref, 2e-2, "dhidden")
+    assert_close(dw, dw_ref, 2e-2, "dweight")
+
+
 def test_labels_shape_error():
     with pytest.raises(ValueError, match="labels"):
         cross_entropy(torch.zeros(4, 10, device=DEVICE), torch.zeros(5, dtype=torch.long, device=DEVICE))
