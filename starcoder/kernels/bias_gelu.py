@@ -26,7 +26,8 @@ def _gelu_parts(z):
     """sigmoid(2u) and d(2u)/dz for u = sqrt(2/pi) * (z + 0.044715 z^3)."""
     u2 = 2.0 * 0.7978845608028654 * (z + 0.044715 * z * z * z)
     du2 = 2.0 * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
-    return tl.sigmoid(u2), du2
+    # sigmoid is exactly 0 or 1 in fp32 beyond +-80; clamping keeps exp() finite everywhere.
+    return tl.sigmoid(tl.minimum(tl.maximum(u2, -80.0), 80.0)), du2
 
 
 @triton.jit
