@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from starcoder.kernels._triton import AUTOTUNE, INTERPRET, check_dtype, last_dim_contiguous
+from starcoder.kernels._triton import (AUTOTUNE, INTERPRET, check_dtype, last_dim_contiguous,
+                                       multiprocessors)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -254,12 +255,15 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs,
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
-                   stride_dkb, stride_dks, stride_dkh,
-                   seq_len, q_heads, kv_heads, group, window, qk_scale, scale,
+                   stride_dk_split, stride_dkb, stride_dks, stride_dkh,
+                   seq_len, q_heads, kv_heads, group, heads_per_program, window, qk_scale, scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, WINDOWED: tl.constexpr):
+    # Axis 2 splits a KV head's query heads over programs (MQA/GQA): each split writes its own
+    # fp32 partial dK/dV (stride_dk_split apart), summed afterwards.
     start_n = tl.program_id(0) * BLOCK_N
     bkv = tl.program_id(1)
+    split = tl.program_id(2)
     b = (bkv // kv_heads).to(tl.int64)
     kv_h = bkv % kv_heads
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -272,8 +276,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     lo, ulo, uhi, hi = _query_range(start_n, seq_len, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOWED)
-    for g in range(group):  # every query head that shares this KV head
-        h = kv_h * group + g
+    for g in range(split * heads_per_program, (split + 1) * heads_per_program):
+        h = kv_h * group + g  # a query head that shares this KV head
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         row = (b * q_heads + h) * seq_len
@@ -286,7 +290,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, LSE + row, DELTA + row, stride_qs,
                               stride_dos, offs_n, offs_d, uhi, hi, seq_len, window, qk_scale,
                               BLOCK_M, True, CAUSAL, WINDOWED)
-    out = b * stride_dkb + kv_h * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :]
+    out = (split.to(tl.int64) * stride_dk_split + b * stride_dkb + kv_h * stride_dkh
+           + offs_n[:, None] * stride_dks + offs_d[None, :])
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=cols)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=cols)
 
@@ -395,6 +400,20 @@ def _launch(name: str, grid, fp32: bool, *args, **constexprs):
                      num_stages=config.num_stages)
 
 
+def _group_splits(group: int, programs: int, device: torch.device) -> int:
+    """Over how many programs to spread a KV head's query heads in the dK/dV kernel.
+
+    MQA/GQA leave few (KV head, key block) programs, each looping over the whole group, and
+    causal masks make the first key blocks the longest: split the group until there are about
+    two programs per multiprocessor (a divisor of the group, so every split is the same size).
+    """
+    target = 2 * multiprocessors(device)
+    for splits in range(1, group + 1):
+        if group % splits == 0 and programs * splits >= target:
+            return splits
+    return group
+
+
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -438,20 +457,30 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         out, grad_out, delta, *_strides(out), *_strides(grad_out), seq, q_heads,
         HEAD_DIM=head_dim, BLOCK_M=DELTA_BLOCK_M)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    group = q_heads // kv_heads
+    splits = _group_splits(group, triton.cdiv(seq, 128) * batch * kv_heads, q.device)
+    if splits == 1:
+        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    else:
+        dk = torch.empty((splits, *k.shape), dtype=torch.float32, device=k.device)
+        dv = torch.empty_like(dk)
     common = dict(HEAD_DIM=head_dim, CAUSAL=causal, WINDOWED=window is not None)
     qkv_strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
 
     def dkdv_grid(meta):
-        return triton.cdiv(seq, meta["BLOCK_N"]), batch * kv_heads
+        return triton.cdiv(seq, meta["BLOCK_N"]), batch * kv_heads, splits
 
     def dq_grid(meta):
         return triton.cdiv(seq, meta["BLOCK_M"]), batch * q_heads
 
-    _launch("dkdv", dkdv_grid, q.dtype == torch.float32, q, k, v, grad_out, dk, dv, lse, delta, *qkv_strides,
-            *_strides(dk), seq, q_heads, kv_heads, q_heads // kv_heads, window or 0,
-            scale * LOG2E, scale, **common)
+    split_stride = dk.stride(0) if splits > 1 else 0
+    dk_strides = _strides(dk[0] if splits > 1 else dk)
+    _launch("dkdv", dkdv_grid, q.dtype == torch.float32, q, k, v, grad_out, dk, dv, lse, delta,
+            *qkv_strides, split_stride, *dk_strides, seq, q_heads, kv_heads, group,
+            group // splits, window or 0, scale * LOG2E, scale, **common)
+    if splits > 1:
+        dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
     _launch("dq", dq_grid, q.dtype == torch.float32, q, k, v, grad_out, dq, lse, delta, *qkv_strides,
             *_strides(dq), seq, q_heads, q_heads // kv_heads, window or 0, scale * LOG2E, scale,
             **common)

@@ -122,3 +122,12 @@ def test_bad_window_and_dtype():
         flash_attention(q, q, q, window=0)
     with pytest.raises(TypeError, match="fp16, bf16 or fp32"):
         flash_attention(q.double(), q.double(), q.double())
+
+
+def test_group_splits_spread_mqa_over_programs():
+    """dK/dV programs split a KV head's query heads until ~2 programs per multiprocessor."""
+    cpu = torch.device("cpu")  # counts as 4 multiprocessors: target 8 programs
+    assert fa_module._group_splits(1, 1, cpu) == 1  # MHA: nothing to split
+    assert fa_module._group_splits(16, 1, cpu) == 8
+    assert fa_module._group_splits(6, 2, cpu) == 6  # divisors only: 3 gives 6 programs < 8
+    assert fa_module._group_splits(4, 64, cpu) == 1  # enough programs already
