@@ -1,5 +1,6 @@
 """Package build. The C++ data helpers in csrc/ are built here as a pybind11 extension."""
 
+from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
 
 setup(
@@ -9,6 +10,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["starcoder", "starcoder.*"]),
     package_data={"starcoder": ["assets/**/*"]},
+    # Index builders and the batch gather of the data path (no torch headers; NumPy arrays only).
+    ext_modules=[Pybind11Extension("starcoder.data._helpers", ["csrc/data_helpers.cpp"],
+                                   cxx_std=17, extra_compile_args=["-O3"])],
+    cmdclass={"build_ext": build_ext},
     install_requires=[
         # 2.11 is what the GPU machines carry, 2.13 the CPU wheel here.
         "torch>=2.6",

@@ -1,0 +1,170 @@
+"""Micro-batches for one data-parallel rank, in Megatron's pretraining order.
+
+Global step g consumes samples consumed+g*global .. +global-1; inside it each group of
+micro_batch_size * dp_size consecutive samples is one micro-step and rank r takes the slice
+[r*micro, (r+1)*micro). So any data-parallel size sees the same global batches and resuming is
+restarting at `consumed_samples`. Sample j of the stream is sample j % N of the index (N =
+max_steps * global_batch_size) in epoch j // N; FIM draws are keyed on (seed, split, epoch, j % N).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from starcoder.config import Config, ConfigError
+from starcoder.data.dataset import BlendedSamples, IndexCache, blended_samples, writable_dir
+from starcoder.data.fim import FimTransform, sample_rng
+from starcoder.data.tokenizer import MissingTokenError, Tokenizer
+
+log = logging.getLogger(__name__)
+TRAIN, VALID = 0, 1
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Turns a list of stream positions into one micro-batch dict (what DataLoader workers run)."""
+
+    def __init__(self, samples: BlendedSamples, seq_length: int, fim: Optional[FimTransform],
+                 seed: int, split: int, eod: int, pad: Optional[int], mask_eod: bool, mask_pad: bool):
+        self.samples, self.width, self.fim = samples, seq_length + 1, fim
+        self.seed, self.split = seed, split
+        self.eod, self.pad, self.mask_eod, self.mask_pad = eod, pad, mask_eod, mask_pad
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, positions: list[int]) -> dict:
+        positions = np.asarray(positions, dtype=np.int64)
+        n = len(self.samples)
+        tokens = self.samples.gather(positions % n, self.width)
+        if self.fim is not None:
+            for row, j in enumerate(positions.tolist()):
+                rng = sample_rng(self.seed, self.split, j // n, j % n)
+                tokens[row] = self.fim(tokens[row], rng)
+        tokens = torch.from_numpy(tokens)
+        loss_mask = torch.ones(tokens.shape[0], self.width - 1, dtype=torch.float32)
+        if self.mask_eod:  # Megatron's --eod-mask-loss: no loss where the input token is EOD
+            loss_mask[tokens[:, :-1] == self.eod] = 0.0
+        if self.mask_pad and self.pad is not None:  # never learn to emit <fim_pad>
+            loss_mask[tokens[:, 1:] == self.pad] = 0.0
+        return {"tokens": tokens, "loss_mask": loss_mask}
+
+
+def pretraining_order(start: int, stop: Optional[int], micro: int, dp_rank: int,
+                      dp_size: int) -> Iterator[list[int]]:
+    """This rank's micro-batches of stream positions from `start` (MegatronPretrainingSampler)."""
+    step = micro * dp_size
+    first = start
+    while stop is None or first + step <= stop:
+        yield list(range(first + dp_rank * micro, first + (dp_rank + 1) * micro))
+        first += step
+
+
+def _identity(batch):
+    return batch
+
+
+def _worker_init(_):
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    torch.set_num_threads(1)
+
+
+def _iterate(dataset: MicroBatches, order: Iterator[list[int]], workers: int) -> Iterator[dict]:
+    if workers == 0 or dataset.fim is None:
+        # Without FIM a micro-batch is one C++ copy: faster in-process than any worker hand-off.
+        for positions in order:
+            yield dataset[positions]
+        return
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=order, num_workers=workers,
+                                         collate_fn=_identity, worker_init_fn=_worker_init,
+                                         prefetch_factor=4)
+    yield from loader
+
+
+def _check(cfg: Config, dp_rank: int, dp_size: int) -> None:
+    t, d = cfg.train, cfg.data
+    if not d.paths:
+        raise ConfigError("data.paths: no training data given (a list of .bin/.idx prefixes, "
+                          "optionally weighted); make some with `starcoder preprocess`")
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} is outside dp_size {dp_size}")
+    if t.global_batch_size % (t.micro_batch_size * dp_size):
+        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
+                          f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp_size})")
+
+
+def _fim(cfg: Config, tokenizer: Tokenizer) -> Optional[FimTransform]:
+    d = cfg.data
+    if d.fim_rate <= 0:
+        return None
+    try:
+        return FimTransform(tokenizer, d.fim_rate, d.fim_spm_rate, d.fim_split_sample, d.fragment_fim_rate)
+    except MissingTokenError as err:
+        key = "data.fim_split_sample" if d.fim_split_sample and d.fim_split_sample in str(err) else "data.fim_rate"
+        raise ConfigError(f"{key}: {err}") from None
+
+
+def cache_for(cfg: Config) -> IndexCache:
+    if cfg.data.cache_dir:
+        return IndexCache(Path(cfg.data.cache_dir))
+    beside = Path(cfg.data.paths[0].path).resolve().parent / "index_cache"
+    if writable_dir(beside):
+        return IndexCache(beside)
+    return IndexCache(Path(cfg.train.output_dir) / "index_cache")
+
+
+def build_samples(cfg: Config, split: int, num_samples: int) -> Optional[BlendedSamples]:
+    """Build the indices on global rank 0 behind a barrier, then load them everywhere (a rank that
+    still misses them, e.g. with a node-local cache, builds its own identical copy)."""
+    d, t = cfg.data, cfg.train
+    args = ([s.path for s in d.paths], [s.weight for s in d.paths], split, d.split, num_samples,
+            t.seq_length, t.seed, cache_for(cfg))
+    try:
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if dist and torch.distributed.get_rank() != 0:
+            torch.distributed.barrier()
+            return blended_samples(*args)
+        samples = blended_samples(*args)
+        if dist:
+            torch.distributed.barrier()
+        return samples
+    except FileNotFoundError as err:
+        raise ConfigError(f"data.paths: {err}") from None
+
+
+def _build(cfg: Config, tokenizer: Tokenizer, split: int, num_samples: int) -> Optional[MicroBatches]:
+    fim = _fim(cfg, tokenizer)
+    samples = build_samples(cfg, split, num_samples)
+    if samples is None:
+        return None
+    pad = tokenizer.fim_id("pad") if fim is not None or cfg.data.mask_fim_pad_loss else None
+    return MicroBatches(samples, cfg.train.seq_length, fim, cfg.train.seed, split, tokenizer.eod_id,
+                        pad, cfg.data.mask_eod_loss, cfg.data.mask_fim_pad_loss)
+
+
+def build_train_loader(cfg: Config, tokenizer: Tokenizer, *, dp_rank: int, dp_size: int,
+                       consumed_samples: int) -> Iterator[dict]:
+    _check(cfg, dp_rank, dp_size)
+    t = cfg.train
+    dataset = _build(cfg, tokenizer, TRAIN, t.max_steps * t.global_batch_size)
+    if dataset is None:
+        raise ConfigError(f"data.split: {cfg.data.split!r} leaves no training documents")
+    order = pretraining_order(consumed_samples, None, t.micro_batch_size, dp_rank, dp_size)
+    return _iterate(dataset, order, cfg.data.num_workers)
+
+
+def build_valid_loader(cfg: Config, tokenizer: Tokenizer, *, dp_rank: int, dp_size: int
+                       ) -> Optional[Iterator[dict]]:
+    _check(cfg, dp_rank, dp_size)
+    t = cfg.train
+    num_samples = t.eval_steps * t.global_batch_size
+    dataset = _build(cfg, tokenizer, VALID, num_samples)
+    if dataset is None:
+        return None
+    order = pretraining_order(0, num_samples, t.micro_batch_size, dp_rank, dp_size)
+    return _iterate(dataset, order, cfg.data.num_workers)

@@ -1,0 +1,355 @@
+"""Tokenise a corpus into Megatron `.bin/.idx` files (the engine behind `starcoder preprocess`).
+
+The main process reads and parses records, applies the document format (all random draws are
+seeded per document) and writes the output in input order; `workers` processes only tokenise, one
+`tokenizers` thread each. So the files are byte-identical for any number of workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import multiprocessing
+import os
+import pickle
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Union
+
+import numpy as np
+
+from starcoder.data.corpus import (BadRecord, ByteCounter, Record, iter_records, list_input_files,
+                                   parse, snippet, text_field)
+from starcoder.data.formats import Document, FormatOptions, Formatter
+from starcoder.data.indexed import IndexedWriter, token_dtype
+from starcoder.data.tokenizer import Tokenizer, load_tokenizer
+
+MAX_EXAMPLES = 5  # bad-record examples kept per reason
+
+
+@dataclass
+class PreprocessReport:
+    output_prefix: str
+    tokenizer: str
+    format: str
+    files: list = field(default_factory=list)
+    dtype: str = ""
+    records: int = 0  # non-blank lines / rows read
+    documents: int = 0  # documents written
+    tokens: int = 0  # tokens written, EOD included
+    empty_documents: int = 0  # skipped: empty content
+    bad_records: dict = field(default_factory=dict)  # reason -> count
+    bad_examples: list = field(default_factory=list)  # "file:line: reason (detail): snippet"
+    special_token_strings: int = 0  # literal special-token strings found in source text
+    documents_with_special_strings: int = 0
+    escaped_special_tokens: bool = False
+    repositories: int = 0  # sc2-repo: repository documents written
+    seconds: float = 0.0
+
+    @property
+    def prefix(self) -> str:
+        return self.output_prefix
+
+    @property
+    def bad(self) -> int:
+        return sum(self.bad_records.values())
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        rate = self.tokens / self.seconds if self.seconds else 0.0
+        lines = [
+            f"wrote {self.output_prefix}.bin/.idx: {self.documents:,} documents, {self.tokens:,} tokens "
+            f"({self.dtype}) in {self.seconds:.1f}s ({rate:,.0f} tokens/s)",
+            f"read {self.records:,} records from {len(self.files)} file(s); skipped "
+            f"{self.empty_documents:,} empty document(s) and {self.bad:,} bad record(s)",
+        ]
+        for reason, count in sorted(self.bad_records.items()):
+            lines.append(f"  {reason}: {count:,}")
+        lines += [f"    {e}" for e in self.bad_examples]
+        if self.special_token_strings:
+            how = "escaped as plain text" if self.escaped_special_tokens else \
+                "encoded as special tokens (use --escape-special-tokens to keep them as text)"
+            lines.append(f"{self.special_token_strings:,} literal special-token string(s) in "
+                         f"{self.documents_with_special_strings:,} document(s): {how}")
+        if self.format == "sc2-repo":
+            lines.append(f"{self.repositories:,} repository document(s)")
+        return "\n".join(lines)
+
+
+def preprocess_corpus(inputs: Union[str, Path, Iterable], tokenizer_spec: str, output_prefix: str,
+                      fmt: str = "plain", json_key: str = "content", workers: int = 1, *,
+                      repo_key: Optional[str] = None, path_key: Optional[str] = None,
+                      stars_key: Optional[str] = None, meta_prob: Optional[float] = None,
+                      seed: int = 1234, escape_special_tokens: bool = False,
+                      input_grouped: bool = False, group_memory_mb: int = 1024,
+                      chunk_bytes: int = 1 << 20, progress: Optional[bool] = None) -> PreprocessReport:
+    """See `starcoder.data.preprocess_corpus`."""
+    start = time.perf_counter()
+    files = list_input_files(inputs)
+    tokenizer = load_tokenizer(tokenizer_spec)
+    if escape_special_tokens and not hasattr(tokenizer, "escaping_backend"):
+        raise ValueError(f"--escape-special-tokens: not supported for {tokenizer.name}")
+    opts = FormatOptions(fmt=fmt, json_key=json_key, repo_key=repo_key, path_key=path_key,
+                         stars_key=stars_key, meta_prob=meta_prob, seed=seed)
+    formatter = Formatter(opts, tokenizer)
+    eod = tokenizer.eod_id
+    dtype = token_dtype(tokenizer.vocab_size)
+    report = PreprocessReport(output_prefix=str(output_prefix), tokenizer=tokenizer.name, format=fmt,
+                              files=[str(f) for f in files], dtype=dtype.name,
+                              escaped_special_tokens=escape_special_tokens)
+    counter = ByteCounter()
+    reader = _Reader(files, opts, formatter, report, counter, input_grouped,
+                     group_memory_mb << 20, Path(output_prefix).parent)
+    bar = _progress(sum(f.stat().st_size for f in files), progress)
+    with IndexedWriter(output_prefix, dtype) as writer:
+        for flat, sizes, n_special, n_docs_special in _tokenize(
+                _chunks(reader.documents(), chunk_bytes), tokenizer, tokenizer_spec, eod, dtype,
+                escape_special_tokens, workers):
+            writer.add_documents(flat, sizes)
+            report.special_token_strings += n_special
+            report.documents_with_special_strings += n_docs_special
+            if bar is not None:
+                bar.update(counter.update() - bar.n)
+                elapsed = time.perf_counter() - start
+                bar.set_postfix_str(f"{writer.documents / elapsed:,.0f} docs/s, "
+                                    f"{writer.tokens / elapsed:,.0f} tokens/s", refresh=False)
+        report.documents, report.tokens = writer.documents, writer.tokens
+    if bar is not None:
+        bar.close()
+    report.seconds = time.perf_counter() - start
+    with open(f"{output_prefix}.json", "w") as f:  # provenance beside the data
+        json.dump(report.to_dict(), f, indent=1)
+    return report
+
+
+def _progress(total_bytes: int, enabled: Optional[bool]):
+    if enabled is False:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess",
+                disable=None if enabled is None else not enabled, smoothing=0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and formatting (main process)
+
+
+class _Reader:
+    def __init__(self, files, opts: FormatOptions, formatter: Formatter, report: PreprocessReport,
+                 counter: ByteCounter, input_grouped: bool, group_budget: int, tmp_parent: Path):
+        self.files, self.opts, self.fmt, self.report = files, opts, formatter, report
+        self.counter, self.input_grouped = counter, input_grouped
+        self.group_budget, self.tmp_parent = group_budget, tmp_parent
+
+    def bad(self, record: Record, err: BadRecord) -> None:
+        r = self.report
+        r.bad_records[err.reason] = r.bad_records.get(err.reason, 0) + 1
+        if r.bad_records[err.reason] <= MAX_EXAMPLES:
+            detail = f" ({err.detail})" if err.detail else ""
+            r.bad_examples.append(f"{self.files[record.file]}:{record.line}: {err.reason}{detail}: "
+                                  f"{snippet(record)}")
+
+    def records(self) -> Iterator[tuple[Record, dict, str]]:
+        """(record, parsed object, content) for every usable record; counts the rest."""
+        key = self.opts.json_key
+        for record in iter_records(self.files, self.opts.columns(), self.counter):
+            self.report.records += 1
+            try:
+                obj = parse(record)
+                content = text_field(obj, key)
+            except BadRecord as err:
+                self.bad(record, err)
+                continue
+            if not content:
+                self.report.empty_documents += 1
+                continue
+            yield record, obj, content
+
+    def documents(self) -> Iterator[Document]:
+        if self.opts.fmt == "sc2-repo":
+            yield from self._repositories()
+            return
+        for record, obj, content in self.records():
+            if self.opts.fmt == "plain":
+                yield (content,)
+            else:  # keyed on the record's position in the input: independent of workers
+                yield self.fmt.sc1_meta(content, obj, self.report.records - 1)
+
+    # sc2-repo: the files of a repository must be brought together.
+    def _files(self) -> Iterator[tuple[str, str, str]]:
+        for record, obj, content in self.records():
+            try:
+                repo = text_field(obj, self.opts.repo_key)
+                path = text_field(obj, self.opts.path_key) if obj.get(self.opts.path_key) is not None else ""
+            except BadRecord as err:
+                self.bad(record, err)
+                continue
+            yield repo, path, content
+
+    def _repositories(self) -> Iterator[Document]:
+        if self.input_grouped:
+            groups = _contiguous_groups(self._files())
+        else:
+            groups = _grouped(self._files(), self._partitions(), self.tmp_parent)
+        for repo, files in groups:
+            self.report.repositories += 1
+            yield self.fmt.sc2_repo(repo, files)
+
+    def _partitions(self) -> int:
+        """Hash partitions so that one partition's files fit the memory budget."""
+        estimate = 0
+        for f in self.files:
+            name = f.name.lower()
+            factor = 4 if name.endswith((".gz", ".zst", ".zstd", ".parquet")) else 1
+            estimate += f.stat().st_size * factor
+        return max(1, math.ceil(2 * estimate / self.group_budget))
+
+
+def _contiguous_groups(files) -> Iterator[tuple[str, list]]:
+    repo, group = None, []
+    for name, path, content in files:
+        if name != repo and group:
+            yield repo, group
+            group = []
+        repo = name
+        group.append((path, content))
+    if group:
+        yield repo, group
+
+
+def _grouped(files, partitions: int, tmp_parent: Path) -> Iterator[tuple[str, list]]:
+    """Group files by repository with bounded memory: in memory when one partition suffices,
+    otherwise spill to hash partitions on disk and group one partition at a time. Repositories
+    come out in order of first appearance (within each partition)."""
+    if partitions == 1:
+        groups: dict[str, list] = {}
+        for repo, path, content in files:
+            groups.setdefault(repo, []).append((path, content))
+        yield from groups.items()
+        return
+    from starcoder.data.formats import name_key
+
+    with tempfile.TemporaryDirectory(prefix=".groupby-", dir=tmp_parent) as tmp:
+        paths = [os.path.join(tmp, f"part{i:05d}.pkl") for i in range(partitions)]
+        buffers: list[list] = [[] for _ in range(partitions)]
+        handles = [open(p, "wb") for p in paths]
+        try:
+            for item in files:
+                p = name_key(item[0]) % partitions
+                buffers[p].append(item)
+                if len(buffers[p]) >= 256:
+                    pickle.dump(buffers[p], handles[p], protocol=pickle.HIGHEST_PROTOCOL)
+                    buffers[p] = []
+            for p in range(partitions):
+                if buffers[p]:
+                    pickle.dump(buffers[p], handles[p], protocol=pickle.HIGHEST_PROTOCOL)
+        finally:
+            for h in handles:
+                h.close()
+        del buffers
+        for path in paths:
+            groups = {}
+            with open(path, "rb") as f:
+                while True:
+                    try:
+                        batch = pickle.load(f)
+                    except EOFError:
+                        break
+                    for repo, p, content in batch:
+                        groups.setdefault(repo, []).append((p, content))
+            os.remove(path)
+            yield from groups.items()
+
+
+def _chunks(documents: Iterator[Document], chunk_bytes: int) -> Iterator[list[Document]]:
+    chunk, size = [], 0
+    for doc in documents:
+        chunk.append(doc)
+        size += sum(len(p) for p in doc if isinstance(p, str))
+        if size >= chunk_bytes or len(chunk) >= 8192:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenising (workers)
+
+_STATE: dict = {}
+
+
+def _special_pattern(tokenizer: Tokenizer) -> Optional[re.Pattern]:
+    names = sorted(tokenizer.special_tokens, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, names))) if names else None
+
+
+def _init_worker(spec: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one tokenizer thread per worker
+    tok = load_tokenizer(spec)
+    _STATE.update(tokenizer=tok, pattern=_special_pattern(tok), eod=tok.eod_id,
+                  dtype=token_dtype(tok.vocab_size))
+
+
+def tokenize_documents(docs: list[Document], tokenizer: Tokenizer, pattern, eod: int, dtype,
+                       escape: bool) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Tokens of each document (its parts, then EOD) back to back, their sizes, the number of
+    literal special-token strings in the text and the number of documents holding any."""
+    texts = [p for doc in docs for p in doc if isinstance(p, str)]
+    n_special = n_docs = 0
+    if pattern is not None:
+        for doc in docs:
+            found = sum(len(pattern.findall(p)) for p in doc if isinstance(p, str))
+            n_special += found
+            n_docs += found > 0
+    encoded = iter(tokenizer.encode_batch(texts, escape_special=escape))
+    pieces, sizes = [], np.empty(len(docs), dtype=np.int32)
+    for i, doc in enumerate(docs):
+        n = 0
+        for part in doc:
+            ids = next(encoded) if isinstance(part, str) else [part]
+            pieces.append(ids)
+            n += len(ids)
+        pieces.append((eod,))
+        sizes[i] = n + 1
+    flat = np.fromiter((t for ids in pieces for t in ids), dtype=dtype, count=int(sizes.sum()))
+    return flat, sizes, n_special, n_docs
+
+
+def _work(docs: list[Document], escape: bool):
+    s = _STATE
+    return tokenize_documents(docs, s["tokenizer"], s["pattern"], s["eod"], s["dtype"], escape)
+
+
+def _tokenize(chunks: Iterator[list[Document]], tokenizer: Tokenizer, spec: str, eod: int, dtype,
+              escape: bool, workers: int):
+    """Tokenised chunks in input order; at most 2 chunks per worker in flight (bounded memory)."""
+    if workers <= 1:
+        saved = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            pattern = _special_pattern(tokenizer)
+            for docs in chunks:
+                yield tokenize_documents(docs, tokenizer, pattern, eod, dtype, escape)
+        finally:
+            if saved is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = saved
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(spec,)) as pool:
+        pending: collections.deque = collections.deque()
+        for docs in chunks:
+            pending.append(pool.apply_async(_work, (docs, escape)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
