@@ -35,10 +35,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
-from torch.distributed.tensor import DTensor, Shard
 
 from starcoder.config import Config, ConfigError, load_config
-from starcoder.parallel.grid import Grid
+from starcoder.parallel import Grid, to_dtensor
 from starcoder.training.optimizer import optimizer_state
 
 log = logging.getLogger("starcoder.train")
@@ -93,28 +92,10 @@ def resolve_checkpoint(path: str | Path) -> Path | None:
 
 
 def describe(tensor: torch.Tensor, param: nn.Parameter, grid: Grid) -> torch.Tensor:
-    """`tensor` (a parameter, or optimizer state shaped like it) as DCP should store it: a DTensor
-    with the global shape when `param` is a tensor-parallel shard, the tensor itself otherwise
-    (DCP then treats equal keys on several ranks as one replicated tensor)."""
-    slices = getattr(param, "shard_slices", None)
-    if slices is None:
-        return tensor
-    full = tuple(param.full_shape)
-    ranges = [s.indices(full[d])[:2] for d, s in enumerate(slices)]
-    split = [d for d, (start, stop) in enumerate(ranges) if stop - start != full[d]]
-    if not split:
-        return tensor
-    if len(split) > 1 or grid.mesh is None:
-        raise ValueError(f"a parameter sharded along dims {split} cannot be checkpointed; "
-                         "expected one tensor-parallel dimension")
-    dim = split[0]
-    chunk = -(-full[dim] // grid.tp)  # DCP computes offsets as torch.chunk lays shards out
-    if ranges[dim] != (grid.tp_rank * chunk, min(full[dim], (grid.tp_rank + 1) * chunk)):
-        raise ValueError(f"shard {ranges[dim]} of a dim of size {full[dim]} does not follow "
-                         f"torch.chunk's layout over {grid.tp} ranks; DCP would record wrong offsets")
-    stride = torch.empty(full, device="meta").stride()
-    return DTensor.from_local(tensor, grid.mesh["tp"], [Shard(dim)], run_check=False,
-                              shape=torch.Size(full), stride=stride)
+    """`tensor` (a parameter, or optimizer state shaped like it) as DCP should store it: under
+    tensor parallelism a DTensor with the global shape and this rank's shard; otherwise the
+    tensor itself (DCP treats equal keys on data-parallel ranks as one replicated tensor)."""
+    return to_dtensor(tensor, param, grid) if grid.tp > 1 else tensor
 
 
 def model_tensors(model: nn.Module, grid: Grid) -> dict[str, torch.Tensor]:

@@ -3,8 +3,8 @@ under bf16 autocast on GPUs (the default there), in fp32 on CPUs, or under fp16 
 dynamic loss scaling when asked for.
 
 The loss scaler is Megatron's dynamic scaler rather than torch's GradScaler because the decision
-to skip a step must be global: it follows the all-reduced gradient norm (see
-`starcoder.training.gradients`), so every rank backs off or grows the scale together.
+to skip a step must be global: it follows the all-reduced gradient norm
+(`starcoder.parallel.any_nonfinite`), so every rank backs off or grows the scale together.
 """
 
 from __future__ import annotations

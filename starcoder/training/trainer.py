@@ -36,11 +36,11 @@ from starcoder.data import build_train_loader, build_valid_loader, load_tokenize
 from starcoder.models.flops import model_flops_per_token
 from starcoder.models.gpt import GPT
 from starcoder.models.init import init_weights
-from starcoder.parallel.grid import Grid, init_grid
+from starcoder.parallel import (Grid, any_nonfinite, clip_grad_norm_, grad_norm, init_grid,
+                                materialize, parallelize, reduce_replicated_grads)
 from starcoder.training.checkpoint import (latest_checkpoint, load_checkpoint, remove_partial,
                                            save_checkpoint)
 from starcoder.training.distributed import resolve_device
-from starcoder.training.gradients import clip_grads, grad_norm
 from starcoder.training.metrics import (MetricsLogger, check_logging, mfu, peak_memory_gib,
                                         peak_tflops)
 from starcoder.training.optimizer import build_optimizer, set_lr
@@ -86,9 +86,6 @@ def train(cfg: Config, stop: StopRequest | None = None) -> TrainState:
 
 def check_supported(cfg: Config) -> None:
     p = cfg.parallel
-    if p.tensor_parallel > 1:
-        raise ConfigError("parallel.tensor_parallel: tensor parallelism is not available in the "
-                          f"trainer yet (got {p.tensor_parallel}); use 1")
     if p.pipeline_parallel > 1:
         raise ConfigError("parallel.pipeline_parallel: pipeline parallelism is not available in "
                           f"the trainer yet (got {p.pipeline_parallel}); use 1")
@@ -116,11 +113,8 @@ def build_model(cfg: Config, grid: Grid, device: torch.device) -> GPT:
     layout starts from the same weights)."""
     with torch.device("meta"):
         model = GPT(cfg.model, padded_vocab_size=cfg.model.padded_vocab_size(grid.tp))
-    if grid.tp > 1:
-        from starcoder.parallel import parallelize  # the tensor-parallel layers
-
-        parallelize(model, grid)
-    model.to_empty(device=device)
+        parallelize(model, grid)  # collective; nothing to do at tensor parallel 1
+    materialize(model, device)
     init_weights(model, cfg.model, cfg.train.seed)
     model.set_kernels(cfg.model.kernels, device)
     if cfg.train.compile:
@@ -239,20 +233,21 @@ class Trainer:
                 summed = (losses * mask).sum()
                 (summed * scale).backward()
             loss_sum += summed.detach()
-        loss = (self._dp_sum(loss_sum) / max(count, 1.0)).item()
+        loss = self._dp_sum(loss_sum) / max(count, 1.0)
+        if self.grid.tp > 1:
+            reduce_replicated_grads(self.model, self.grid)
         if self.scaler.scale != 1.0:
             torch._foreach_mul_([p.grad for p in self.params if p.grad is not None],
                                 1.0 / self.scaler.scale)
-        norm_t = grad_norm(self.params, self.grid)
-        norm = norm_t.item()
-        finite = math.isfinite(loss) and math.isfinite(norm)
-        if finite:
-            clip_grads(self.params, self.cfg.train.grad_clip, norm_t)
+        clip = self.cfg.train.grad_clip
+        norm = clip_grad_norm_(self.params, clip, self.grid) if clip > 0 else grad_norm(self.params, self.grid)
+        skip = any_nonfinite(torch.stack([loss.float().reshape(()), norm]), self.grid)
+        if not skip:
             set_lr(self.optimizer, lr)
             self.optimizer.step()
-        self.scaler.update(finite)
+        self.scaler.update(not skip)
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, norm
+        return loss.item(), norm.item()
 
     def _account(self, loss: float, norm: float) -> None:
         """Advance the step; log, and count or stop on, non-finite steps."""

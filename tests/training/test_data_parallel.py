@@ -1,28 +1,18 @@
-"""Two gloo ranks against one process: the same losses for the same global batch, checkpoints
-that resume on the other layout, ZeRO-1, non-finite agreement, and tensor-parallel shards
-described by their global shape. One world serves the whole module."""
+"""Two gloo ranks against one process: the same losses for the same global batch (data or tensor
+parallel), checkpoints that resume on the other layout, ZeRO-1, and non-finite agreement. One
+world serves the whole module."""
 
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 
 from starcoder.config import ConfigError
-from starcoder.data import load_tokenizer
 from starcoder.models import gpt
-from starcoder.models.gpt import GPT
-from starcoder.models.init import init_weights
-from starcoder.parallel.grid import Grid, init_grid
-from starcoder.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from starcoder.training.optimizer import build_optimizer, optimizer_state
-from starcoder.training.trainer import build_model, train
+from starcoder.training.trainer import train
 from tests.distributed import World
 from tests.training.helpers import close, losses, metrics, tiny_config
-
-CPU = torch.device("cpu")
-
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -123,46 +113,21 @@ def test_a_global_batch_that_does_not_divide_names_the_key(world, corpus, tmp_pa
                                       "train.micro_batch_size x data-parallel size (8 x 2)")
 
 
-def _save_tensor_parallel(corpus, out):
-    """Both ranks as tensor-parallel halves: fc_in of block 0 split by rows (column parallel),
-    one Adam step with a gradient known in full, then a checkpoint."""
-    cfg = tiny_config(corpus, Path(out), "parallel.tensor_parallel=2")
-    grid = init_grid(cfg.parallel, "cpu")
-    model = GPT(cfg.model)
-    layer = model.blocks["0"].mlp.fc_in
-    for name in ("weight", "bias"):
-        full = getattr(layer, name)
-        rows = full.shape[0] // grid.tp
-        shard = nn.Parameter(torch.empty(rows, *full.shape[1:]))
-        shard.full_shape = tuple(full.shape)
-        shard.shard_slices = (slice(grid.tp_rank * rows, (grid.tp_rank + 1) * rows),)
-        setattr(layer, name, shard)
-    init_weights(model, cfg.model, cfg.train.seed)
-    opt = build_optimizer(model, cfg, grid, CPU)
-    for p in model.parameters():
-        shape = getattr(p, "full_shape", p.shape)
-        full_grad = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).view(shape) * 1e-5
-        p.grad = full_grad[getattr(p, "shard_slices", ())].clone()
-    opt.step()
-    state = {"train_state": {"step": 1}, "world": {"size": 2, "tp": 2}}
-    save_checkpoint(out, 1, model, opt, grid, CPU, cfg, load_tokenizer(cfg.data.tokenizer), state)
-    return tuple(layer.weight.shape)
+@pytest.mark.parametrize("model", [[], ["model.num_query_groups=1"]], ids=["gqa", "mqa"])
+def test_tensor_parallel_gives_the_single_process_losses_and_checkpoints(world, corpus, tmp_path, model):
+    """tp 2 (with 1 KV head: both ranks hold it, their gradients summed), with and without
+    sequence parallel; checkpoints move between tp 2 and one process both ways."""
+    reference = tmp_path / "reference"
+    train(tiny_config(corpus, reference, "train.save_every=2", *model))
+    tp = ["parallel.tensor_parallel=2", "train.save_every=2", *model]
+    world.run(_train, corpus, str(tmp_path / "tp"), tp)
+    assert close(losses(tmp_path / "tp"), losses(reference), 1e-5)
+    world.run(_train, corpus, str(tmp_path / "sp"), [*tp, "parallel.sequence_parallel=true"])
+    assert close(losses(tmp_path / "sp"), losses(reference), 1e-5)
 
-
-def test_tensor_parallel_shards_are_saved_by_global_shape(world, corpus, tmp_path):
-    shapes = world.run(_save_tensor_parallel, corpus, str(tmp_path / "tp"))
-    assert shapes == [(64, 64), (64, 64)]  # each rank held half of the 128 rows
-    cfg = tiny_config(corpus, tmp_path / "tp")
-    expected = GPT(cfg.model)
-    init_weights(expected, cfg.model, cfg.train.seed)
-
-    model = build_model(cfg, Grid(), CPU)  # one process, unsharded
-    opt = build_optimizer(model, cfg, Grid(), CPU)
-    load_checkpoint(latest_checkpoint(tmp_path / "tp"), model, opt, Grid(), CPU, cfg)
-    weight = model.blocks["0"].mlp.fc_in.weight
-    # AdamW's first step: decay, then move by lr * g / (|g| + eps)
-    lr, g = cfg.train.lr, torch.arange(weight.numel(), dtype=torch.float32).view(weight.shape) * 1e-5
-    moved = expected.blocks["0"].mlp.fc_in.weight * (1 - lr * 0.1) - lr * g / (g.abs() + 1e-8)
-    assert torch.allclose(weight, moved, rtol=0, atol=1e-7)
-    exp_avg = optimizer_state(opt, model)["blocks.0.mlp.fc_in.weight"]["exp_avg"]
-    assert torch.allclose(exp_avg, 0.1 * g, rtol=1e-6, atol=0)
+    back = _resume_from(tmp_path / "tp", 2, tmp_path / "tp_to_one")
+    train(tiny_config(corpus, back, *model))
+    assert close(losses(back), losses(reference), 1e-5)
+    run = _resume_from(reference, 2, tmp_path / "one_to_tp")
+    world.run(_train, corpus, str(run), tp)
+    assert close(losses(run), losses(reference), 1e-5)
