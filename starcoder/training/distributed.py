@@ -29,12 +29,12 @@ def launched_by_srun() -> bool:
 
 def world_from_environment() -> int:
     if launched_by_srun():
-        os.environ["RANK"] = os.environ["SLURM_PROCID"]
-        os.environ["WORLD_SIZE"] = os.environ["SLURM_STEP_NUM_TASKS"]
-        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
         if "MASTER_ADDR" not in os.environ:
             raise ConfigError("MASTER_ADDR: not set; under srun the batch script must export the "
                               "first node's address (see tools/train.sbatch)")
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_STEP_NUM_TASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
         os.environ.setdefault("MASTER_PORT", "29500")
     return int(os.environ.get("WORLD_SIZE", "1"))
 

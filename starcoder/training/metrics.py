@@ -90,7 +90,7 @@ class MetricsLogger:
         self._file = self.path.open("a")
         lg = cfg.log
         if lg.tensorboard:
-            self.tensorboard = _tensorboard(Path(run_dir) / "tensorboard")
+            self.tensorboard = _tensorboard(Path(run_dir) / "tensorboard", start_step)
         if lg.wandb:
             self.wandb = _wandb(cfg, run_dir)
         show_bar = sys.stderr.isatty() if lg.progress_bar is None else lg.progress_bar
@@ -163,20 +163,28 @@ def _num(value, fmt: str) -> str:
 def _truncate_after(path: Path, step: int) -> None:
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
+    keep = [line for line in path.read_text().splitlines() if _step_of(line) <= step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
 
 
-def _tensorboard(folder: Path):
+def _step_of(line: str) -> float:
+    """The step of a record; a line torn by a kill mid-write counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+def _tensorboard(folder: Path, start_step: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         log.warning("log.tensorboard: the tensorboard package is not installed; not writing events")
         return None
-    return SummaryWriter(str(folder))
+    # purge_step hides events a killed run wrote after the checkpoint it resumes from
+    return SummaryWriter(str(folder), purge_step=start_step + 1 if start_step else None)
 
 
 def check_logging(cfg: Config) -> None:

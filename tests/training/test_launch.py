@@ -10,10 +10,13 @@ import sys
 import textwrap
 import time
 
+import pytest
 import torch
 
 from starcoder.cli import main
+from starcoder.config import ConfigError
 from starcoder.training.checkpoint import latest_checkpoint, read_state
+from starcoder.training.distributed import world_from_environment
 from starcoder.training.trainer import train
 from tests.training.helpers import metrics, tiny_args, tiny_config
 
@@ -39,6 +42,7 @@ def test_sigkill_after_a_checkpoint_then_restart_logs_identical_losses(corpus, t
             return real(self, micro_batches, lr)
         trainer.Trainer.train_step = train_step
         from starcoder.cli import main
+from starcoder.config import ConfigError
         sys.exit(main(["train"] + {args!r}))
     """)
     first = subprocess.run([sys.executable, "-c", killer], env=ENV, capture_output=True, text=True)
@@ -105,3 +109,19 @@ def test_the_embedded_default_run_short(tmp_path, capsys):
     config = json.loads((tmp_path / "hf/config.json").read_text())
     assert config["architectures"] == ["Starcoder2ForCausalLM"]
     assert (tmp_path / "hf/tokenizer.json").is_file() and (tmp_path / "data/stdlib.idx").is_file()
+
+
+def test_srun_tasks_take_their_rank_from_slurm(monkeypatch):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE",
+                                                                      "LOCAL_RANK", "MASTER_"))}
+    monkeypatch.setattr(os, "environ", env)
+    assert world_from_environment() == 1  # a plain process
+    env.update(SLURM_STEP_NUM_TASKS="8", SLURM_PROCID="5", SLURM_LOCALID="1")
+    with pytest.raises(ConfigError, match="^MASTER_ADDR"):
+        world_from_environment()
+    env["MASTER_ADDR"] = "node001"
+    assert world_from_environment() == 8
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_PORT"]) == ("5", "8", "1", "29500")
+    env["RANK"] = "3"  # torchrun's variables win over SLURM's (torchrun inside an srun step)
+    env["WORLD_SIZE"] = "4"
+    assert world_from_environment() == 4

@@ -46,6 +46,8 @@ def test_jsonl_drops_records_after_the_resumed_step(tmp_path):
     logger.close()
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 4, 5] and lines[4]["loss"] is None
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # a line torn by SIGKILL
     MetricsLogger(cfg, tmp_path, enabled=True, start_step=3).close()
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3]
