@@ -16,9 +16,13 @@ import time
 from pathlib import Path
 
 DEFAULT_STEPS = 300
-SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__"}
-PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
-FIM_PREFIX = "def read_lines(path):\n    with open(path) as f:\n        "
+# Tests, the IDE, and data tables (codec maps, pydoc topics) that read like anything but code.
+SKIP_DIRS = {"test", "tests", "idlelib", "encodings", "pydoc_data", "site-packages", "dist-packages",
+             "__pycache__"}
+# Prompts end mid-statement: a model this small, trained this briefly, answers a bare line end
+# with more line ends.
+PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return "
+FIM_PREFIX = "def read_lines(path):\n    with open(path) as f:\n        lines = "
 FIM_SUFFIX = "\n    return [line.rstrip() for line in lines]\n"
 
 
@@ -103,8 +107,10 @@ def show_samples(hf: Path) -> None:
                                  eos_token_id=stop, pad_token_id=stop[0])
         return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
-    print("\n--- completion " + "-" * 50)
-    print(PROMPT + generate(PROMPT, 64))
+    print("\n--- completion (greedy) " + "-" * 42)
+    print(PROMPT + generate(PROMPT, 40).rstrip())
     fim = f"<fim_prefix>{FIM_PREFIX}<fim_suffix>{FIM_SUFFIX}<fim_middle>"
-    print("--- fill-in-the-middle (infill between >>> and <<<) " + "-" * 13)
-    print(f"{FIM_PREFIX}>>>{generate(fim, 32)}<<<{FIM_SUFFIX}")
+    print("--- fill-in-the-middle (the infill is between >>> and <<<) " + "-" * 6)
+    print(f"{FIM_PREFIX}>>>{generate(fim, 16).rstrip()}<<<{FIM_SUFFIX}")
+    print("(4.9M parameters after a few minutes on a CPU: Python-looking text, not working code; "
+          "--steps 3000 gets further)")
