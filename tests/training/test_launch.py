@@ -42,7 +42,6 @@ def test_sigkill_after_a_checkpoint_then_restart_logs_identical_losses(corpus, t
             return real(self, micro_batches, lr)
         trainer.Trainer.train_step = train_step
         from starcoder.cli import main
-from starcoder.config import ConfigError
         sys.exit(main(["train"] + {args!r}))
     """)
     first = subprocess.run([sys.executable, "-c", killer], env=ENV, capture_output=True, text=True)
