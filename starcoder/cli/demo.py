@@ -113,4 +113,4 @@ def show_samples(hf: Path) -> None:
     print("--- fill-in-the-middle (the infill is between >>> and <<<) " + "-" * 6)
     print(f"{FIM_PREFIX}>>>{generate(fim, 16).rstrip()}<<<{FIM_SUFFIX}")
     print("(4.9M parameters after a few minutes on a CPU: Python-looking text, not working code; "
-          "--steps 3000 gets further)")
+          "more --steps get further)")
