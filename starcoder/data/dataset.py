@@ -169,9 +169,11 @@ class BlendedSamples:
     def __len__(self) -> int:
         return self.length
 
-    def gather(self, indices: np.ndarray, width: int, backend: Optional[str] = None) -> np.ndarray:
+    def gather(self, indices: np.ndarray, width: int, backend: Optional[str] = None,
+               out: Optional[np.ndarray] = None) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64)
-        out = np.empty((len(indices), width), dtype=np.int64)
+        if out is None:
+            out = np.empty((len(indices), width), dtype=np.int64)
         if self.which is None:
             self.sources[0].gather(out, np.arange(len(indices)), indices, backend)
             return out

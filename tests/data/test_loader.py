@@ -201,3 +201,15 @@ def test_rank_zero_builds_behind_a_barrier(corpus, tmp_path, tiny):
     single = stacked(take(build_train_loader(cfg, tiny, dp_rank=0, dp_size=1, consumed_samples=8), 4))
     interleaved = torch.cat([torch.cat([r0[k], r1[k]]) for k in range(4)])
     torch.testing.assert_close(interleaved, single)
+
+
+def test_batches_held_by_the_caller_are_never_overwritten(corpus, tmp_path, tiny):
+    cfg = make_cfg(corpus[:1], tmp_path)
+    it = build_train_loader(cfg, tiny, dp_rank=0, dp_size=1, consumed_samples=0)
+    copies = [{k: v.clone() for k, v in next(it).items()} for _ in range(12)]  # dropped at once
+    held = take(build_train_loader(cfg, tiny, dp_rank=0, dp_size=1, consumed_samples=0), 12)
+    for h, c in zip(held, copies):
+        torch.testing.assert_close(h["tokens"], c["tokens"])
+        torch.testing.assert_close(h["loss_mask"], c["loss_mask"])
+    pointers = {next(it)["tokens"].data_ptr() for _ in range(12)}
+    assert len(pointers) <= 2  # a dropped batch's memory is reused (no fresh page faults)
