@@ -54,8 +54,20 @@ def writable_dir(path: Path) -> bool:
     return os.access(probe, os.W_OK | os.X_OK)
 
 
+class PickledByFileName:
+    """Pickles (for spawned DataLoader workers) memory-mapped .npy arrays as their file names."""
+
+    def __getstate__(self) -> dict:
+        return {k: ("npy", v.filename) if isinstance(v, np.memmap) and v.filename else v
+                for k, v in self.__dict__.items()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({k: np.load(v[1], mmap_mode="r") if isinstance(v, tuple) and v[:1] == ("npy",)
+                              else v for k, v in state.items()})
+
+
 @dataclass
-class SourceSamples:
+class SourceSamples(PickledByFileName):
     """One source split's samples, in shuffled order: sample i is window shuffle_idx[i]."""
 
     name: str
@@ -158,7 +170,7 @@ def source_samples(data: IndexedTokens, split: int, doc_range: tuple[int, int], 
     return SourceSamples(Path(data.prefix).name, data, *arrays)
 
 
-class BlendedSamples:
+class BlendedSamples(PickledByFileName):
     """Samples 0..len-1 drawn from weighted sources (or one source): sample i is
     sources[which[i]]'s sample within[i]."""
 

@@ -8,6 +8,7 @@ seeded per document) and writes the output in input order; `workers` processes o
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import math
 import multiprocessing
@@ -319,7 +320,7 @@ def tokenize_documents(docs: list[Document], tokenizer: Tokenizer, pattern, eod:
             n += len(ids)
         pieces.append((eod,))
         sizes[i] = n + 1
-    flat = np.fromiter((t for ids in pieces for t in ids), dtype=dtype, count=int(sizes.sum()))
+    flat = np.fromiter(itertools.chain.from_iterable(pieces), dtype=dtype, count=int(sizes.sum()))
     return flat, sizes, n_special, n_docs
 
 

@@ -213,3 +213,16 @@ def test_batches_held_by_the_caller_are_never_overwritten(corpus, tmp_path, tiny
         torch.testing.assert_close(h["loss_mask"], c["loss_mask"])
     pointers = {next(it)["tokens"].data_ptr() for _ in range(12)}
     assert len(pointers) <= 2  # a dropped batch's memory is reused (no fresh page faults)
+
+
+def test_datasets_pickle_by_file_name(corpus, tmp_path, tiny):
+    """Spawned DataLoader workers receive the dataset pickled: indices and tokens must travel as
+    file names, not as their contents."""
+    import pickle
+
+    cfg = make_cfg([f"{w} {p}" for w, p in zip((2, 1), corpus)], tmp_path)
+    samples = build_samples(cfg, 0, 240)
+    blob = pickle.dumps(samples)
+    assert len(blob) < 10_000
+    again = pickle.loads(blob)
+    np.testing.assert_array_equal(again.gather(np.arange(40), 65), samples.gather(np.arange(40), 65))
