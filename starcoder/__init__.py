@@ -9,7 +9,7 @@ def load_model(path, device="cpu", dtype=None):
     Calling the model on `input_ids` [batch, seq] returns logits [batch, seq, vocab_size] over the
     real vocabulary (padded rows excluded).
     """
-    from starcoder.convert.loading import load_model as _load
+    from starcoder.api import load_model as _load
 
     return _load(path, device=device, dtype=dtype)
 

@@ -19,9 +19,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import re
+
 import yaml
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; learning rates are written that way."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -179,7 +195,7 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
     if isinstance(source, dict):
         raw = source
     elif source is not None:
-        raw = yaml.safe_load(resolve_config_path(source).read_text()) or {}
+        raw = parse_yaml(resolve_config_path(source).read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     for item in overrides or []:
@@ -190,7 +206,7 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"{section}: expected a mapping")
-        raw[section][name] = yaml.safe_load(value) if value.strip() else None
+        raw[section][name] = parse_yaml(value) if value.strip() else None
     return config_from_dict(raw).validate()
 
 
@@ -279,15 +295,20 @@ def _data_source(value: Any, key: str) -> DataSource:
     """`path`, `"weight path"` or `{path: ..., weight: ...}`."""
     if isinstance(value, str):
         parts = value.split()
-        if len(parts) == 2:
-            try:
-                return _check_weight(DataSource(path=parts[1], weight=float(parts[0])), key)
-            except ValueError:
-                pass
+        if len(parts) == 2 and _is_number(parts[0]):
+            return _check_weight(DataSource(path=parts[1], weight=float(parts[0])), key)
         return DataSource(path=value)
     if isinstance(value, dict):
         return _check_weight(_build(DataSource, value, key), key)
     raise ConfigError(f"{key}: expected a path or {{path, weight}}, got {value!r}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_weight(source: DataSource, key: str) -> DataSource:

@@ -1,0 +1,1 @@
+"""Checkpoint formats: sharded safetensors, native model folders, Hugging Face mapping."""
