@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from starcoder.config import ConfigError
 from starcoder.data import helpers
 from starcoder.data.indexed import IndexedTokens
 
@@ -141,8 +142,8 @@ def source_samples(data: IndexedTokens, split: int, doc_range: tuple[int, int], 
     sizes = np.asarray(data.sizes)
     tokens_per_epoch = int(sizes[first:last].sum(dtype=np.int64))
     if tokens_per_epoch <= 1:
-        raise ValueError(f"{data.prefix}: the {SPLITS[split]} split (documents {first}..{last}) has "
-                         f"{tokens_per_epoch} tokens; it needs more than one")
+        raise ConfigError(f"data.split: {data.prefix}: the {SPLITS[split]} split (documents "
+                          f"{first}..{last}) has {tokens_per_epoch} tokens; it needs more than one")
     epochs = num_epochs_for(tokens_per_epoch, num_samples, seq_length)
     separate = False
     sans_last = (epochs * tokens_per_epoch - 1) // seq_length  # all samples, if not separated

@@ -161,7 +161,9 @@ def build_samples(cfg: Config, split: int, num_samples: int) -> Optional[Blended
         if dist:
             torch.distributed.barrier()
         return samples
-    except FileNotFoundError as err:
+    except ConfigError:
+        raise
+    except (FileNotFoundError, ValueError) as err:  # a missing or unreadable .bin/.idx
         raise ConfigError(f"data.paths: {err}") from None
 
 
@@ -170,7 +172,10 @@ def _build(cfg: Config, tokenizer: Tokenizer, split: int, num_samples: int) -> O
     samples = build_samples(cfg, split, num_samples)
     if samples is None:
         return None
-    pad = tokenizer.fim_id("pad") if fim is not None or cfg.data.mask_fim_pad_loss else None
+    try:
+        pad = tokenizer.fim_id("pad") if fim is not None or cfg.data.mask_fim_pad_loss else None
+    except MissingTokenError as err:
+        raise ConfigError(f"data.mask_fim_pad_loss: {err}") from None
     return MicroBatches(samples, cfg.train.seq_length, fim, cfg.train.seed, split, tokenizer.eod_id,
                         pad, cfg.data.mask_eod_loss, cfg.data.mask_fim_pad_loss)
 

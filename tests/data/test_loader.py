@@ -169,6 +169,11 @@ def test_config_errors_name_the_key(corpus, tmp_path, tiny):
                            consumed_samples=0)
     with pytest.raises(ConfigError, match="^train.global_batch_size: 8 is not divisible"):
         build_train_loader(make_cfg(corpus[:1], tmp_path), tiny, dp_rank=0, dp_size=3, consumed_samples=0)
+    broken = tmp_path / "broken"
+    (tmp_path / "broken.idx").write_bytes(b"garbage" * 10)
+    (tmp_path / "broken.bin").write_bytes(b"")
+    with pytest.raises(ConfigError, match="^data.paths: .*bad magic"):
+        build_train_loader(make_cfg([str(broken)], tmp_path), tiny, dp_rank=0, dp_size=1, consumed_samples=0)
     with pytest.raises(ConfigError, match="^data.fim_split_sample: .*<no_such_sep>"):
         build_train_loader(make_cfg(corpus[:1], tmp_path, "data.fim_split_sample=<no_such_sep>", fim=0.5),
                            tiny, dp_rank=0, dp_size=1, consumed_samples=0)
@@ -226,3 +231,14 @@ def test_datasets_pickle_by_file_name(corpus, tmp_path, tiny):
     assert len(blob) < 10_000
     again = pickle.loads(blob)
     np.testing.assert_array_equal(again.gather(np.arange(40), 65), samples.gather(np.arange(40), 65))
+
+
+def test_a_split_without_tokens_names_data_split(tmp_path, tiny):
+    from starcoder.data.indexed import IndexedWriter
+
+    with IndexedWriter(tmp_path / "one", np.uint16) as w:  # Megatron files may hold 1-token documents
+        w.add_document(np.array([0]))
+        w.add_document(np.arange(100))
+    cfg = make_cfg([str(tmp_path / "one")], tmp_path, "data.split=50,50,0")
+    with pytest.raises(ConfigError, match="^data.split: .*train split .* needs more than one"):
+        build_train_loader(cfg, tiny, dp_rank=0, dp_size=1, consumed_samples=0)
