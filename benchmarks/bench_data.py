@@ -376,7 +376,7 @@ def main() -> None:
         if "index" in only:
             rows += bench_index(work, args.index_docs or (10_000_000 if args.quick else 100_000_000))
         if "preprocess" in only:
-            rows += bench_preprocess(work, tokenizer, 2 if args.quick else 16, repeats)
+            rows += bench_preprocess(work, tokenizer, 2 if args.quick else 8, repeats)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip() or "unknown"
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -27,7 +29,8 @@ from starcoder.data.indexed import IndexedTokens
 
 INDEX_VERSION = 1
 SPLITS = ("train", "valid", "test")
-SURPLUS = 0.005  # Megatron builds 0.5% more samples per blended source than its share
+SURPLUS = 0.005
+log = logging.getLogger(__name__)  # Megatron builds 0.5% more samples per blended source than its share
 
 
 def split_ranges(split: str, num_docs: int) -> list[tuple[int, int]]:
@@ -104,7 +107,9 @@ class IndexCache:
         if not all(paths[n].is_file() for n in names):
             if not may_build:
                 return None
+            start = time.perf_counter()
             arrays = build()
+            log.info("built %s indices in %s (%.1fs)", stem, self.folder, time.perf_counter() - start)
             self.folder.mkdir(parents=True, exist_ok=True)
             for n, arr in zip(names, arrays):
                 _save_atomic(paths[n], arr)
@@ -157,9 +162,10 @@ def source_samples(data: IndexedTokens, split: int, doc_range: tuple[int, int], 
     stream = 16 * (split + 1)
 
     def build():
-        doc_idx = helpers.document_index(first, last, epochs, separate, seed, stream, backend)
-        sample_idx = helpers.sample_index(sizes, doc_idx, seq_length, epochs, tokens_per_epoch, backend)
-        total = len(sample_idx) - 1
+        doc_idx, doc_sizes = helpers.document_index(first, last, epochs, separate, seed, stream, sizes, backend)
+        total = (epochs * tokens_per_epoch - 1) // seq_length
+        sample_idx = helpers.sample_index(doc_sizes, seq_length, total, backend)
+        del doc_sizes
         shuffle_idx = helpers.shuffle_index(sans_last if separate else total, total, seed,
                                             stream + 2, backend)
         return doc_idx, sample_idx, shuffle_idx

@@ -9,7 +9,6 @@ max_steps * global_batch_size) in epoch j // N; FIM draws are keyed on (seed, sp
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -23,7 +22,6 @@ from starcoder.data.dataset import BlendedSamples, IndexCache, blended_samples, 
 from starcoder.data.fim import FimTransform, sample_rng
 from starcoder.data.tokenizer import MissingTokenError, Tokenizer
 
-log = logging.getLogger(__name__)
 TRAIN, VALID = 0, 1
 
 
