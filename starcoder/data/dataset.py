@@ -102,11 +102,9 @@ class IndexCache:
             {"description": self.folder / f"{stem}-{digest}-description.json"}
 
     def load_or_build(self, stem: str, key: dict, names: tuple[str, ...],
-                      build: Callable[[], tuple[np.ndarray, ...]], may_build: bool = True):
+                      build: Callable[[], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
         paths = self.paths(stem, key, names)
         if not all(paths[n].is_file() for n in names):
-            if not may_build:
-                return None
             start = time.perf_counter()
             arrays = build()
             log.info("built %s indices in %s (%.1fs)", stem, self.folder, time.perf_counter() - start)
@@ -140,8 +138,8 @@ def file_identity(prefix: str) -> dict:
 
 
 def source_samples(data: IndexedTokens, split: int, doc_range: tuple[int, int], num_samples: int,
-                   seq_length: int, seed: int, cache: IndexCache, may_build: bool = True,
-                   backend: Optional[str] = None) -> Optional[SourceSamples]:
+                   seq_length: int, seed: int, cache: IndexCache,
+                   backend: Optional[str] = None) -> SourceSamples:
     """The (cached) indices of one source split, sized for at least num_samples samples."""
     first, last = doc_range
     sizes = np.asarray(data.sizes)
@@ -171,9 +169,7 @@ def source_samples(data: IndexedTokens, split: int, doc_range: tuple[int, int], 
         return doc_idx, sample_idx, shuffle_idx
 
     stem = f"{Path(data.prefix).name}-{SPLITS[split]}"
-    arrays = cache.load_or_build(stem, key, ("doc_idx", "sample_idx", "shuffle_idx"), build, may_build)
-    if arrays is None:
-        return None
+    arrays = cache.load_or_build(stem, key, ("doc_idx", "sample_idx", "shuffle_idx"), build)
     return SourceSamples(Path(data.prefix).name, data, *arrays)
 
 
@@ -206,9 +202,8 @@ class BlendedSamples(PickledByFileName):
 
 def blended_samples(prefixes: list[str], weights: list[float], split: int, split_spec: str,
                     num_samples: int, seq_length: int, seed: int, cache: IndexCache,
-                    may_build: bool = True, backend: Optional[str] = None) -> Optional[BlendedSamples]:
-    """The samples of one split of the blend; None when the split is empty (or, with
-    may_build=False, when some index is not built yet)."""
+                    backend: Optional[str] = None) -> Optional[BlendedSamples]:
+    """The samples of one split of the blend; None when the split has no documents."""
     datas = [IndexedTokens(p) for p in prefixes]
     ranges = [split_ranges(split_spec, len(d))[split] for d in datas]
     keep = [i for i, (a, b) in enumerate(ranges) if b > a]
@@ -220,20 +215,13 @@ def blended_samples(prefixes: list[str], weights: list[float], split: int, split
         sizes = [num_samples]
     else:
         sizes = [int(math.ceil(math.ceil(num_samples * w) * (1 + SURPLUS))) for w in norm]
-    sources = []
-    for i, n in zip(keep, sizes):
-        s = source_samples(datas[i], split, ranges[i], n, seq_length, seed, cache, may_build, backend)
-        if s is None:
-            return None
-        sources.append(s)
+    sources = [source_samples(datas[i], split, ranges[i], n, seq_length, seed, cache, backend)
+               for i, n in zip(keep, sizes)]
     if len(sources) == 1:
         return BlendedSamples(sources, num_samples)
     key = {"version": INDEX_VERSION, "weights": norm, "num_samples": num_samples,
            "sources": [file_identity(datas[i].prefix) for i in keep], "split": SPLITS[split],
            "documents": [ranges[i] for i in keep], "seq_length": seq_length, "seed": seed}
     arrays = cache.load_or_build(f"blend-{SPLITS[split]}", key, ("which", "within"),
-                                 lambda: helpers.blending_index(np.array(norm), num_samples, backend),
-                                 may_build)
-    if arrays is None:
-        return None
+                                 lambda: helpers.blending_index(np.array(norm), num_samples, backend))
     return BlendedSamples(sources, num_samples, *arrays)
