@@ -19,11 +19,16 @@ log = logging.getLogger(__name__)
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
               window: int | None = None, scale: float | None = None, dropout_p: float = 0.0,
               backend: str = "torch") -> torch.Tensor:
-    """Scaled dot-product attention; returns [batch, seq, q_heads, head_dim]."""
+    """Scaled dot-product attention; returns [batch, seq, q_heads, head_dim].
+
+    `auto` (kept by `resolve_backend` on CUDA) takes the Triton kernel unless this call has
+    dropout, which it cannot do: then SDPA serves the call and the reason is logged once.
+    """
+    backend = attention_backend(backend, q.device.type, dropout_p)
     if backend == "triton":
         if dropout_p > 0.0:
             raise ValueError("model.kernels: triton attention has no dropout; set "
-                             "model.attention_dropout: 0 or model.kernels: torch")
+                             "model.attention_dropout: 0 or model.kernels: auto|torch")
         from starcoder.kernels import flash_attention
 
         return flash_attention(q, k, v, causal=causal, window=window, scale=scale)
@@ -60,10 +65,39 @@ def sliding_window_mask(seq_q: int, seq_k: int, window: int, causal: bool,
 
 
 def resolve_backend(kernels: str, device: torch.device) -> str:
-    """`auto` means Triton on CUDA (when Triton imports), the PyTorch references elsewhere."""
+    """`auto` means Triton on CUDA (when Triton imports), the PyTorch references elsewhere.
+
+    On CUDA `auto` stays `auto`: every op then takes its Triton kernel per call unless that call
+    is one the kernel cannot serve (attention dropout), which falls back with a logged reason.
+    Code outside the model should test `uses_triton(backend, tensor)` rather than compare names.
+    """
     if kernels == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+        return "auto" if device.type == "cuda" and _triton_available() else "torch"
     return kernels
+
+
+def attention_backend(backend: str, device_type: str, dropout_p: float) -> str:
+    """The backend that serves one attention call: `auto` resolves per call."""
+    if backend != "auto":
+        return backend
+    if device_type != "cuda" or not _triton_available():
+        return "torch"
+    if dropout_p > 0.0:
+        _log_once(f"model.kernels: auto uses SDPA for attention while attention dropout is "
+                  f"{dropout_p} > 0 (the Triton flash attention has no dropout; it still serves "
+                  f"calls without dropout, e.g. evaluation)")
+        return "torch"
+    return "triton"
+
+
+def uses_triton(backend: str, x: torch.Tensor) -> bool:
+    """Whether an op with this backend runs its Triton kernel on tensors like `x`."""
+    return backend == "triton" or (backend == "auto" and x.is_cuda and _triton_available())
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    log.warning(message)
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,7 +1,8 @@
 """Pointwise and normalisation ops the model calls, each with a `backend` switch.
 
 `torch` is the plain PyTorch reference that runs anywhere; `triton` routes to the hand-written
-kernels in `starcoder.kernels` (imported lazily, so CPU-only installs never touch Triton).
+kernels in `starcoder.kernels` (imported lazily, so CPU-only installs never touch Triton); `auto`
+(what `resolve_backend` keeps on CUDA) routes to them for CUDA tensors.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from starcoder.models.attention import uses_triton
+
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                backend: str = "torch") -> torch.Tensor:
-    if backend == "triton":
+    if uses_triton(backend, x):
         from starcoder.kernels import layer_norm as triton_layer_norm
 
         return triton_layer_norm(x, weight, bias, eps)
@@ -22,7 +25,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str,
               backend: str = "torch") -> torch.Tensor:
     """gelu(x + bias); `approximate` is "tanh" (as StarCoder trained) or "none" (exact)."""
-    if backend == "triton" and approximate == "tanh" and bias is not None:
+    if uses_triton(backend, x) and approximate == "tanh" and bias is not None:
         from starcoder.kernels import bias_gelu as triton_bias_gelu
 
         return triton_bias_gelu(x, bias)
@@ -45,7 +48,7 @@ def rotary_tables(seq_len: int, head_dim: int, theta: float,
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [b, s, hq, d] and k [b, s, hk, d] by position; cos/sin are [s, d]."""
-    if backend == "triton":
+    if uses_triton(backend, q):
         from starcoder.kernels import apply_rope as triton_apply_rope
 
         return triton_apply_rope(q, k, cos, sin)
@@ -55,7 +58,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          backend: str = "torch") -> torch.Tensor:
     """cross_entropy(hidden @ weight.T, labels) per token; Triton never holds all fp32 logits."""
-    if backend == "triton":
+    if uses_triton(backend, hidden):
         from starcoder.kernels import linear_cross_entropy as triton_linear_cross_entropy
 
         return triton_linear_cross_entropy(hidden, weight, labels)
@@ -71,7 +74,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     """Per-token loss in fp32, same shape as labels; labels equal to -100 give 0."""
-    if backend == "triton":
+    if uses_triton(backend, logits):
         from starcoder.kernels import cross_entropy as triton_cross_entropy
 
         return triton_cross_entropy(logits, labels)

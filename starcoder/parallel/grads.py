@@ -1,0 +1,86 @@
+"""Gradients and global quantities over a tensor-parallel model.
+
+Call order in a training step (after `loss.backward()` of the last micro-batch and any
+data-parallel gradient reduction):
+
+    reduce_replicated_grads(model, grid)           # copies of one tensor get the same, full gradient
+    norm = clip_grad_norm_(model.parameters(), max_norm, grid)   # or grad_norm(...)
+    if any_nonfinite(norm, grid): skip the step    # every rank decides the same
+
+A parameter's description (set by `parallelize`) says how many adjacent TP ranks hold it
+(`tp_copies`) and whether each copy's gradient is partial (`partial_grad`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from starcoder.parallel.grid import Grid
+
+
+def tp_copies(param: torch.Tensor) -> int:
+    """How many adjacent TP ranks hold exactly this tensor (1: this rank's own shard)."""
+    return getattr(param, "tp_copies", 1)
+
+
+def copy_group(param: torch.Tensor, grid: Grid):
+    """The process group of the TP ranks that hold the same copy of `param` (None if only one)."""
+    copies = tp_copies(param)
+    if copies == 1:
+        return None
+    if copies == grid.tp:
+        return grid.group("tp")
+    return grid.kv_mesh(copies).get_group("kv_copy")
+
+
+def reduce_replicated_grads(model: nn.Module, grid: Grid) -> None:
+    """Sum the gradients of parameters whose copies each saw part of the gradient (KV heads shared
+    by several TP ranks; LayerNorms, row-parallel biases and positions under sequence parallel),
+    one flat all-reduce per group. All copies end with the same, full gradient."""
+    buckets: dict[tuple, list[torch.Tensor]] = {}
+    for param in model.parameters():
+        if getattr(param, "partial_grad", False) and param.grad is not None:
+            buckets.setdefault((tp_copies(param), param.grad.dtype), []).append(param)
+    for params in buckets.values():
+        grads = [p.grad for p in params]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=copy_group(params[0], grid))
+        for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            grad.copy_(reduced)
+
+
+def grad_norm(params, grid: Grid) -> torch.Tensor:
+    """The global L2 norm of all gradients (fp32 scalar, the same on every rank): each shard
+    counted once, each replicated tensor once (by the first rank of its copies), summed over the
+    tensor- and pipeline-parallel groups. Data-parallel gradients must already be reduced."""
+    params = [p for p in params if p.grad is not None]
+    counted = [p.grad.detach().float().pow(2).sum() for p in params
+               if grid.tp_rank % tp_copies(p) == 0]
+    device = params[0].grad.device if params else torch.device("cpu")
+    total = torch.stack(counted).sum() if counted else torch.zeros((), device=device)
+    for dim, size in (("tp", grid.tp), ("pp", grid.pp)):
+        if size > 1:
+            dist.all_reduce(total, group=grid.group(dim))
+    return total.sqrt()
+
+
+def clip_grad_norm_(params, max_norm: float, grid: Grid) -> torch.Tensor:
+    """Scale all gradients so their global norm is at most `max_norm`; returns the norm before
+    clipping (inf/nan when a gradient is not finite; then check `any_nonfinite` and skip)."""
+    params = [p for p in params if p.grad is not None]
+    norm = grad_norm(params, grid)
+    if params:
+        torch._foreach_mul_([p.grad for p in params], (max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm
+
+
+def any_nonfinite(value: torch.Tensor, grid: Grid) -> bool:
+    """True on every rank if `value` holds inf or nan on any rank of the grid (one all-reduce
+    over the world), so all ranks skip a step together."""
+    flag = (~torch.isfinite(value.detach())).any().float().reshape(1)
+    if grid.world_size > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())

@@ -1,0 +1,93 @@
+"""Dropout randomness under tensor parallelism (Megatron's RNG tracker, without its state).
+
+Which masks must agree across the tensor-parallel ranks:
+- replicated activations (embedding and hidden dropout without sequence parallel): the same mask
+  on every TP rank, so the default generators must be seeded alike on all of them;
+- a rank's own attention heads, and its own sequence shard under sequence parallel: different
+  masks per TP rank.
+
+`tp_rng_fork` gives the second kind. Instead of keeping a separate generator state (which
+activation recomputation would have to save and restore, as Megatron's own checkpoint function
+does), it derives the fork's seed from one draw of the CPU default generator, which every TP rank
+shares, plus the TP rank. `torch.utils.checkpoint` restores the default generators before
+recomputing, so the replay draws the same seed and gets the same masks, with selective or full
+recomputation alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+_TP_SEED_OFFSET = 2718  # Megatron's offset for the tensor-parallel stream
+
+
+def _get_state(device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    return torch.get_device_module(device.type).get_rng_state(device)
+
+
+def _set_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cpu":
+        torch.set_rng_state(state)
+    else:
+        torch.get_device_module(device.type).set_rng_state(state, device)
+
+
+def _seed(device: torch.device, seed: int) -> None:
+    if device.type == "cpu":
+        torch.default_generator.manual_seed(seed)
+    else:
+        with torch.get_device_module(device.type).device(device):
+            torch.get_device_module(device.type).manual_seed(seed)
+
+
+@contextlib.contextmanager
+def tp_rng_fork(tp_rank: int, device: torch.device):
+    """Run the body with `device`'s default generator on a stream of its own for this TP rank."""
+    draw = int(torch.randint(0, 2**62, (1,)).item())  # CPU default generator: same on all TP ranks
+    saved = _get_state(device)
+    _seed(device, draw + _TP_SEED_OFFSET + tp_rank)
+    try:
+        yield
+    finally:
+        _set_state(device, saved)
+
+
+class TPDropout(nn.Dropout):
+    """Dropout whose mask differs across TP ranks (for sequence-parallel regions)."""
+
+    def __init__(self, p: float, tp_rank: int):
+        super().__init__(p)
+        self.tp_rank = tp_rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        with tp_rng_fork(self.tp_rank, x.device):
+            return super().forward(x)
+
+
+def fork_rng_in_forward(module: nn.Module, tp_rank: int) -> None:
+    """Run `module`'s forward under `tp_rng_fork` while it drops out (`module.dropout_p > 0`):
+    attention dropout acts on this rank's own heads."""
+    forks: list = []
+
+    def enter(mod, args):
+        if mod.training and mod.dropout_p > 0.0:
+            fork = tp_rng_fork(tp_rank, args[0].device)
+            fork.__enter__()
+            forks.append(fork)
+        else:
+            forks.append(None)
+
+    def leave(mod, args, output):
+        fork = forks.pop()
+        if fork is not None:
+            fork.__exit__(None, None, None)
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave, always_call=True)
