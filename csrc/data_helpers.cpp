@@ -6,7 +6,8 @@
 //   permutation     uniform random permutation by Rao-Sandelius: scatter each element to one of
 //                   K ~ n / 2^16 buckets drawn from a counter-based hash (input order kept inside a
 //                   bucket), then Fisher-Yates each cache-sized bucket with its own generator.
-//   document_index  documents [first, last) x epochs, shuffled (int32), optional separate last epoch
+//   document_index  documents [first, last) x epochs, shuffled (int32), optional separate last epoch,
+//                   with their sizes in that order
 //   shuffle_index   permutation of [0, first) then of [first, total) (uint32, int64 when large)
 //   sample_index    megatron-core's build_sample_idx (windows of seq_length + 1 tokens)
 //   blending_index  megatron-core's greedy build_blending_indices
@@ -60,9 +61,11 @@ void parallel_ranges(int64_t n, int threads, F fn, int64_t grain = 4096) {
   for (auto &th : pool) th.join();
 }
 
-// out[j] = value(pi(j)) for a uniform random permutation pi of [0, n) keyed by `key`.
-template <typename T, typename V>
-void permute_into(T *out, int64_t n, uint64_t key, int threads, V value) {
+// out[j] = value(pi(j)) for a uniform random permutation pi of [0, n) keyed by `key`; when `carried`
+// is given, carried[j] = carry(pi(j)) too, moved along in the same passes. (The sample index reads
+// document sizes in shuffled order: carried here, they are read sequentially instead of at random.)
+template <typename T, typename V, typename C>
+void permute_into(T *out, int32_t *carried, int64_t n, uint64_t key, int threads, V value, C carry) {
   if (n == 0) return;
   const int64_t k = num_buckets(n);
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n / 4096 + 1)));
@@ -87,21 +90,32 @@ void permute_into(T *out, int64_t n, uint64_t key, int threads, V value) {
   // Pass 2: scatter.
   parallel_ranges(n, nt, [&](int t, int64_t begin, int64_t end) {
     auto &cur = cursor[t];
-    for (int64_t i = begin; i < end; ++i) out[cur[mulhi(mix64(key + uint64_t(i + 1) * kGolden), k)]++] = value(i);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t j = cur[mulhi(mix64(key + uint64_t(i + 1) * kGolden), k)]++;
+      out[j] = value(i);
+      if (carried) carried[j] = carry(i);
+    }
   });
   // Pass 3: Fisher-Yates inside each bucket, buckets spread over threads.
   parallel_ranges(k, nt, [&](int, int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       T *a = out + bucket_start[b];
+      int32_t *c = carried ? carried + bucket_start[b] : nullptr;
       const int64_t m = bucket_start[b + 1] - bucket_start[b];
       uint64_t state = mix64(key ^ (uint64_t(b + 1) * kBucketSalt));
       for (int64_t j = m - 1; j > 0; --j) {
         state += kGolden;
         const int64_t i = static_cast<int64_t>(mulhi(mix64(state), uint64_t(j + 1)));
         std::swap(a[j], a[i]);
+        if (c) std::swap(c[j], c[i]);
       }
     }
   }, 1);
+}
+
+template <typename T, typename V>
+void permute_into(T *out, int64_t n, uint64_t key, int threads, V value) {
+  permute_into(out, nullptr, n, key, threads, value, [](int64_t) { return int32_t(0); });
 }
 
 template <typename T>
@@ -117,21 +131,30 @@ py::array_t<int64_t> permutation(int64_t n, uint64_t key, int threads) {
   return out;
 }
 
-py::array_t<int32_t> document_index(int64_t first, int64_t last, int64_t epochs, bool separate_last,
-                                    uint64_t key, uint64_t key_last, int threads) {
+template <typename T>
+const T *checked(const py::array &a, const char *name);
+
+// Documents [first, last) x epochs, shuffled, and their sizes in that order.
+py::tuple document_index(int64_t first, int64_t last, int64_t epochs, bool separate_last, uint64_t key,
+                         uint64_t key_last, const py::array &sizes_a, int threads) {
   const int64_t n = last - first;
   if (n <= 0 || epochs <= 0) throw std::invalid_argument("document_index: empty document range");
   if (last > INT32_MAX) throw std::invalid_argument("document_index: document ids exceed int32");
+  const int32_t *sizes = checked<int32_t>(sizes_a, "sizes");
+  if (sizes_a.size() < last) throw std::invalid_argument("document_index: sizes shorter than the range");
   const int64_t together = (separate_last && epochs > 1) ? epochs - 1 : epochs;
   auto out = new_array<int32_t>(epochs * n);
-  int32_t *p = out.mutable_data();
+  auto out_sizes = new_array<int32_t>(epochs * n);
+  int32_t *p = out.mutable_data(), *ps = out_sizes.mutable_data();
   {
     py::gil_scoped_release nogil;
-    permute_into(p, together * n, key, threads, [=](int64_t i) { return int32_t(first + i % n); });
+    permute_into(p, ps, together * n, key, threads, [=](int64_t i) { return int32_t(first + i % n); },
+                 [=](int64_t i) { return sizes[first + i % n]; });
     if (together < epochs)
-      permute_into(p + together * n, n, key_last, threads, [=](int64_t i) { return int32_t(first + i); });
+      permute_into(p + together * n, ps + together * n, n, key_last, threads,
+                   [=](int64_t i) { return int32_t(first + i); }, [=](int64_t i) { return sizes[first + i]; });
   }
-  return out;
+  return py::make_tuple(out, out_sizes);
 }
 
 py::array shuffle_index(int64_t first, int64_t total, uint64_t key, uint64_t key_last, int threads) {
@@ -151,23 +174,24 @@ py::array shuffle_index(int64_t first, int64_t total, uint64_t key, uint64_t key
   return out;
 }
 
+// megatron-core's build_sample_idx, reading doc_sizes[k] = sizes[doc_idx[k]] sequentially.
 template <typename T>
-void fill_sample_index(T *out, const int32_t *sizes, const int32_t *doc_idx, int64_t n_doc_idx,
-                       int32_t seq_length, int64_t num_samples) {
+void fill_sample_index(T *out, const int32_t *doc_sizes, int64_t n_doc_idx, int32_t seq_length,
+                       int64_t num_samples) {
   int64_t position = 0, offset = 0;
   out[0] = 0;
   out[1] = 0;
   for (int64_t k = 1; k <= num_samples; ++k) {
     int64_t remaining = int64_t(seq_length) + 1;
     while (remaining != 0) {
-      const int64_t length = sizes[doc_idx[position]] - offset;
+      const int64_t length = doc_sizes[position] - offset;
       remaining -= length;
       if (remaining <= 0) {
         offset += remaining + length - 1;
         remaining = 0;
       } else {
         if (position == n_doc_idx - 1) {
-          offset = sizes[doc_idx[position]] - 1;
+          offset = doc_sizes[position] - 1;
           break;
         }
         ++position;
@@ -188,18 +212,16 @@ const T *checked(const py::array &a, const char *name) {
   return static_cast<const T *>(a.data());
 }
 
-py::array sample_index(const py::array &sizes_a, const py::array &doc_idx_a, int32_t seq_length,
-                       int64_t num_samples, bool wide) {
-  const int32_t *sizes = checked<int32_t>(sizes_a, "sizes");
-  const int32_t *doc_idx = checked<int32_t>(doc_idx_a, "doc_idx");
-  const int64_t n = doc_idx_a.size();
+py::array sample_index(const py::array &doc_sizes_a, int32_t seq_length, int64_t num_samples, bool wide) {
+  const int32_t *doc_sizes = checked<int32_t>(doc_sizes_a, "doc_sizes");
+  const int64_t n = doc_sizes_a.size();
   if (seq_length < 1 || n == 0) throw std::invalid_argument("sample_index: empty input");
   auto make = [&](auto tag) -> py::array {
     using T = decltype(tag);
     py::array_t<T> out(std::vector<py::ssize_t>{static_cast<py::ssize_t>(num_samples + 1), 2});
     T *p = out.mutable_data();
     py::gil_scoped_release nogil;
-    fill_sample_index(p, sizes, doc_idx, n, seq_length, num_samples);
+    fill_sample_index(p, doc_sizes, n, seq_length, num_samples);
     return out;
   };
   return wide ? make(int64_t()) : make(int32_t());
@@ -327,11 +349,11 @@ PYBIND11_MODULE(_helpers, m) {
   m.doc() = "starcoder data path: index builders and batch gather (see starcoder/data/helpers.py)";
   m.def("permutation", &permutation, py::arg("n"), py::arg("key"), py::arg("threads") = 1);
   m.def("document_index", &document_index, py::arg("first"), py::arg("last"), py::arg("epochs"),
-        py::arg("separate_last"), py::arg("key"), py::arg("key_last"), py::arg("threads") = 1);
+        py::arg("separate_last"), py::arg("key"), py::arg("key_last"), py::arg("sizes"), py::arg("threads") = 1);
   m.def("shuffle_index", &shuffle_index, py::arg("first"), py::arg("total"), py::arg("key"), py::arg("key_last"),
         py::arg("threads") = 1);
-  m.def("sample_index", &sample_index, py::arg("sizes"), py::arg("doc_idx"), py::arg("seq_length"),
-        py::arg("num_samples"), py::arg("wide"));
+  m.def("sample_index", &sample_index, py::arg("doc_sizes"), py::arg("seq_length"), py::arg("num_samples"),
+        py::arg("wide"));
   m.def("blending_index", &blending_index, py::arg("weights"), py::arg("size"));
   m.def("gather", &gather, py::arg("out"), py::arg("rows"), py::arg("samples"), py::arg("tokens"),
         py::arg("pointers"), py::arg("sizes"), py::arg("doc_idx"), py::arg("sample_idx"), py::arg("threads") = 1);

@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-grouped", action="store_true",
                         help="sc2-repo: the files of each repository are contiguous in the input; "
                              "stream them instead of grouping first")
-    parser.add_argument("--group-memory-mb", type=int, default=1024, metavar="MB",
+    parser.add_argument("--group-memory-mb", type=float, default=1024, metavar="MB",
                         help="sc2-repo: memory for grouping files by repository; larger inputs are "
                              "spilled to hash partitions beside the output (default: 1024)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

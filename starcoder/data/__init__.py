@@ -15,7 +15,7 @@ Everything else lives in the submodules: `tokenizer`, `corpus`, `formats`, `prep
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 if TYPE_CHECKING:  # pragma: no cover
     from starcoder.config import Config

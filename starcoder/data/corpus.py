@@ -110,6 +110,7 @@ def _parquet_records(fi: int, path: Path, columns: list[str], counter: ByteCount
     except ImportError as err:
         raise ImportError(f"{path}: reading Parquet needs `pip install pyarrow`") from err
     with open(path, "rb") as raw_file:
+        counter.track(raw_file)
         pf = pq.ParquetFile(raw_file)
         present = [c for c in columns if c in pf.schema_arrow.names]
         row = 0
@@ -118,7 +119,7 @@ def _parquet_records(fi: int, path: Path, columns: list[str], counter: ByteCount
             for item in table.to_pylist():
                 row += 1
                 yield Record(fi, row, row=item)
-            counter.done += pf.metadata.row_group(rg).total_compressed_size
+            counter.update()
 
 
 class BadRecord(Exception):

@@ -12,21 +12,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
+from starcoder.config import ConfigError
 from starcoder.data import helpers
 from starcoder.data.indexed import IndexedTokens
 
 INDEX_VERSION = 1
 SPLITS = ("train", "valid", "test")
-SURPLUS = 0.005  # Megatron builds 0.5% more samples per blended source than its share
+SURPLUS = 0.005
+log = logging.getLogger(__name__)  # Megatron builds 0.5% more samples per blended source than its share
 
 
 def split_ranges(split: str, num_docs: int) -> list[tuple[int, int]]:
@@ -54,8 +58,20 @@ def writable_dir(path: Path) -> bool:
     return os.access(probe, os.W_OK | os.X_OK)
 
 
+class PickledByFileName:
+    """Pickles (for spawned DataLoader workers) memory-mapped .npy arrays as their file names."""
+
+    def __getstate__(self) -> dict:
+        return {k: ("npy", v.filename) if isinstance(v, np.memmap) and v.filename else v
+                for k, v in self.__dict__.items()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({k: np.load(v[1], mmap_mode="r") if isinstance(v, tuple) and v[:1] == ("npy",)
+                              else v for k, v in state.items()})
+
+
 @dataclass
-class SourceSamples:
+class SourceSamples(PickledByFileName):
     """One source split's samples, in shuffled order: sample i is window shuffle_idx[i]."""
 
     name: str
@@ -86,12 +102,12 @@ class IndexCache:
             {"description": self.folder / f"{stem}-{digest}-description.json"}
 
     def load_or_build(self, stem: str, key: dict, names: tuple[str, ...],
-                      build: Callable[[], tuple[np.ndarray, ...]], may_build: bool = True):
+                      build: Callable[[], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
         paths = self.paths(stem, key, names)
         if not all(paths[n].is_file() for n in names):
-            if not may_build:
-                return None
+            start = time.perf_counter()
             arrays = build()
+            log.info("built %s indices in %s (%.1fs)", stem, self.folder, time.perf_counter() - start)
             self.folder.mkdir(parents=True, exist_ok=True)
             for n, arr in zip(names, arrays):
                 _save_atomic(paths[n], arr)
@@ -122,15 +138,15 @@ def file_identity(prefix: str) -> dict:
 
 
 def source_samples(data: IndexedTokens, split: int, doc_range: tuple[int, int], num_samples: int,
-                   seq_length: int, seed: int, cache: IndexCache, may_build: bool = True,
-                   backend: Optional[str] = None) -> Optional[SourceSamples]:
+                   seq_length: int, seed: int, cache: IndexCache,
+                   backend: Optional[str] = None) -> SourceSamples:
     """The (cached) indices of one source split, sized for at least num_samples samples."""
     first, last = doc_range
     sizes = np.asarray(data.sizes)
     tokens_per_epoch = int(sizes[first:last].sum(dtype=np.int64))
     if tokens_per_epoch <= 1:
-        raise ValueError(f"{data.prefix}: the {SPLITS[split]} split (documents {first}..{last}) has "
-                         f"{tokens_per_epoch} tokens; it needs more than one")
+        raise ConfigError(f"data.split: {data.prefix}: the {SPLITS[split]} split (documents "
+                          f"{first}..{last}) has {tokens_per_epoch} tokens; it needs more than one")
     epochs = num_epochs_for(tokens_per_epoch, num_samples, seq_length)
     separate = False
     sans_last = (epochs * tokens_per_epoch - 1) // seq_length  # all samples, if not separated
@@ -144,21 +160,20 @@ def source_samples(data: IndexedTokens, split: int, doc_range: tuple[int, int], 
     stream = 16 * (split + 1)
 
     def build():
-        doc_idx = helpers.document_index(first, last, epochs, separate, seed, stream, backend)
-        sample_idx = helpers.sample_index(sizes, doc_idx, seq_length, epochs, tokens_per_epoch, backend)
-        total = len(sample_idx) - 1
+        doc_idx, doc_sizes = helpers.document_index(first, last, epochs, separate, seed, stream, sizes, backend)
+        total = (epochs * tokens_per_epoch - 1) // seq_length
+        sample_idx = helpers.sample_index(doc_sizes, seq_length, total, backend)
+        del doc_sizes
         shuffle_idx = helpers.shuffle_index(sans_last if separate else total, total, seed,
                                             stream + 2, backend)
         return doc_idx, sample_idx, shuffle_idx
 
     stem = f"{Path(data.prefix).name}-{SPLITS[split]}"
-    arrays = cache.load_or_build(stem, key, ("doc_idx", "sample_idx", "shuffle_idx"), build, may_build)
-    if arrays is None:
-        return None
+    arrays = cache.load_or_build(stem, key, ("doc_idx", "sample_idx", "shuffle_idx"), build)
     return SourceSamples(Path(data.prefix).name, data, *arrays)
 
 
-class BlendedSamples:
+class BlendedSamples(PickledByFileName):
     """Samples 0..len-1 drawn from weighted sources (or one source): sample i is
     sources[which[i]]'s sample within[i]."""
 
@@ -169,9 +184,11 @@ class BlendedSamples:
     def __len__(self) -> int:
         return self.length
 
-    def gather(self, indices: np.ndarray, width: int, backend: Optional[str] = None) -> np.ndarray:
+    def gather(self, indices: np.ndarray, width: int, backend: Optional[str] = None,
+               out: Optional[np.ndarray] = None) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64)
-        out = np.empty((len(indices), width), dtype=np.int64)
+        if out is None:
+            out = np.empty((len(indices), width), dtype=np.int64)
         if self.which is None:
             self.sources[0].gather(out, np.arange(len(indices)), indices, backend)
             return out
@@ -185,9 +202,8 @@ class BlendedSamples:
 
 def blended_samples(prefixes: list[str], weights: list[float], split: int, split_spec: str,
                     num_samples: int, seq_length: int, seed: int, cache: IndexCache,
-                    may_build: bool = True, backend: Optional[str] = None) -> Optional[BlendedSamples]:
-    """The samples of one split of the blend; None when the split is empty (or, with
-    may_build=False, when some index is not built yet)."""
+                    backend: Optional[str] = None) -> Optional[BlendedSamples]:
+    """The samples of one split of the blend; None when the split has no documents."""
     datas = [IndexedTokens(p) for p in prefixes]
     ranges = [split_ranges(split_spec, len(d))[split] for d in datas]
     keep = [i for i, (a, b) in enumerate(ranges) if b > a]
@@ -199,20 +215,13 @@ def blended_samples(prefixes: list[str], weights: list[float], split: int, split
         sizes = [num_samples]
     else:
         sizes = [int(math.ceil(math.ceil(num_samples * w) * (1 + SURPLUS))) for w in norm]
-    sources = []
-    for i, n in zip(keep, sizes):
-        s = source_samples(datas[i], split, ranges[i], n, seq_length, seed, cache, may_build, backend)
-        if s is None:
-            return None
-        sources.append(s)
+    sources = [source_samples(datas[i], split, ranges[i], n, seq_length, seed, cache, backend)
+               for i, n in zip(keep, sizes)]
     if len(sources) == 1:
         return BlendedSamples(sources, num_samples)
     key = {"version": INDEX_VERSION, "weights": norm, "num_samples": num_samples,
            "sources": [file_identity(datas[i].prefix) for i in keep], "split": SPLITS[split],
            "documents": [ranges[i] for i in keep], "seq_length": seq_length, "seed": seed}
     arrays = cache.load_or_build(f"blend-{SPLITS[split]}", key, ("which", "within"),
-                                 lambda: helpers.blending_index(np.array(norm), num_samples, backend),
-                                 may_build)
-    if arrays is None:
-        return None
+                                 lambda: helpers.blending_index(np.array(norm), num_samples, backend))
     return BlendedSamples(sources, num_samples, *arrays)

@@ -121,7 +121,9 @@ class PartEncoder:
         self.is_special[list(specials.values())] = True
 
     def encode_whole(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer.encode_batch(texts) if texts else []
+        # One by one on the calling thread: a thread pool for a handful of short strings costs
+        # more than it saves and competes with the trainer's threads.
+        return [self.tokenizer.encode(t) for t in texts]
 
     def parts(self, seg: np.ndarray, text: str, cuts: list[int]) -> list[list[int]]:
         """Tokens of text[cuts[i]:cuts[i+1]] for each i (cuts are character offsets)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from starcoder.data.tokenizer import Tokenizer
@@ -31,7 +31,6 @@ class FormatOptions:
     stars_key: Optional[str] = None
     meta_prob: Optional[float] = None  # None -> 0.2 per field (sc1-meta), 0.5 (sc2-repo)
     seed: int = 1234
-    extra_columns: list = field(default_factory=list)
 
     def __post_init__(self):
         if self.fmt not in FORMATS:

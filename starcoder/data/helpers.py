@@ -101,19 +101,22 @@ def _fisher_yates(a: np.ndarray, start: int, stop: int, state: int) -> None:
 
 
 def document_index(first: int, last: int, num_epochs: int, separate_last_epoch: bool, seed: int,
-                   stream: int, backend: Optional[str] = None) -> np.ndarray:
+                   stream: int, sizes: np.ndarray, backend: Optional[str] = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Documents [first, last) repeated num_epochs times and shuffled (int32), the last epoch
-    shuffled on its own when `separate_last_epoch` (Megatron's rule for a small final epoch)."""
+    shuffled on its own when `separate_last_epoch` (Megatron's rule for a small final epoch), and
+    their sizes in that order (what `sample_index` reads)."""
     n = last - first
     if use_cpp(backend):
-        return cpp.document_index(first, last, num_epochs, separate_last_epoch,
-                                  stream_key(seed, stream), stream_key(seed, stream + 1),
-                                  default_threads())
+        return tuple(cpp.document_index(first, last, num_epochs, separate_last_epoch,
+                                        stream_key(seed, stream), stream_key(seed, stream + 1),
+                                        np.ascontiguousarray(sizes, dtype=np.int32), default_threads()))
     together = num_epochs - 1 if separate_last_epoch and num_epochs > 1 else num_epochs
     parts = [permutation(together * n, seed, stream, "python") % n]
     if together < num_epochs:
         parts.append(permutation(n, seed, stream + 1, "python"))
-    return (np.concatenate(parts) + first).astype(np.int32)
+    doc_idx = (np.concatenate(parts) + first).astype(np.int32)
+    return doc_idx, np.asarray(sizes)[doc_idx].astype(np.int32)
 
 
 def shuffle_index(first: int, total: int, seed: int, stream: int, backend: Optional[str] = None) -> np.ndarray:
@@ -132,29 +135,28 @@ def shuffle_index(first: int, total: int, seed: int, stream: int, backend: Optio
 # Sample and blending indices (megatron-core semantics)
 
 
-def sample_index(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, num_epochs: int,
-                 tokens_per_epoch: int, backend: Optional[str] = None) -> np.ndarray:
+def sample_index(doc_sizes: np.ndarray, seq_length: int, num_samples: int,
+                 backend: Optional[str] = None) -> np.ndarray:
     """[num_samples + 1, 2]: (position in doc_idx, token offset) where each sample starts; sample k
-    runs to entry k + 1 plus one token. int32, or int64 when positions or sizes need it."""
-    num_samples = (num_epochs * tokens_per_epoch - 1) // seq_length
-    wide = max(len(doc_idx), int(sizes.max()) if len(sizes) else 0) > np.iinfo(np.int32).max
+    runs to entry k + 1 plus one token. `doc_sizes[k]` is the size of document doc_idx[k].
+    megatron-core's build_sample_idx(sizes, doc_idx, ...) with num_samples = (tokens - 1) // seq.
+    int32, or int64 when positions need it."""
+    wide = len(doc_sizes) > np.iinfo(np.int32).max
     if use_cpp(backend):
-        return cpp.sample_index(np.ascontiguousarray(sizes, dtype=np.int32),
-                                np.ascontiguousarray(doc_idx, dtype=np.int32),
-                                seq_length, num_samples, wide)
+        return cpp.sample_index(np.ascontiguousarray(doc_sizes, dtype=np.int32), seq_length, num_samples, wide)
     out = np.zeros((num_samples + 1, 2), dtype=np.int64 if wide else np.int32)
     position, offset = 0, 0
     for k in range(1, num_samples + 1):
         remaining = seq_length + 1
         while remaining:
-            length = int(sizes[doc_idx[position]]) - offset
+            length = int(doc_sizes[position]) - offset
             remaining -= length
             if remaining <= 0:
                 offset += remaining + length - 1
                 remaining = 0
             else:
-                if position == len(doc_idx) - 1:
-                    offset = int(sizes[doc_idx[position]]) - 1
+                if position == len(doc_sizes) - 1:
+                    offset = int(doc_sizes[position]) - 1
                     break
                 position += 1
                 offset = 0

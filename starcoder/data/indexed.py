@@ -108,7 +108,7 @@ class IndexedTokens:
     """Read a `.bin/.idx` pair (ours or Megatron's) without loading it: everything is mmapped.
 
     `sizes[i]`, `pointers[i]` describe sequence i; `doc_idx` is Megatron's document boundary list.
-    `tokens` is the whole `.bin` as one 1-D array; `offsets[i]` is sequence i's first token in it.
+    `tokens` is the whole `.bin` as one 1-D array.
     """
 
     def __init__(self, prefix: str | Path):
@@ -143,17 +143,12 @@ class IndexedTokens:
             raise ValueError(f"{bin_path}: {bin_bytes} bytes, but the index describes {expected}")
         self.tokens = (np.memmap(bin_path, dtype=self.dtype, mode="r") if bin_bytes
                        else np.zeros(0, self.dtype))
-        self._offsets = None
 
     def __len__(self) -> int:
         return len(self.sizes)
 
-    @property
-    def offsets(self) -> np.ndarray:
-        """Token offset of each sequence in `tokens` (int64, computed once)."""
-        if self._offsets is None:
-            self._offsets = np.asarray(self.pointers) // self.dtype.itemsize
-        return self._offsets
+    def __reduce__(self):  # pickled by name (spawned workers map the files again)
+        return IndexedTokens, (self.prefix,)
 
     def __getitem__(self, i: int) -> np.ndarray:
         start = int(self.pointers[i]) // self.dtype.itemsize

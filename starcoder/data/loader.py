@@ -9,8 +9,8 @@ max_steps * global_batch_size) in epoch j // N; FIM draws are keyed on (seed, sp
 
 from __future__ import annotations
 
-import logging
 import os
+import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -22,8 +22,25 @@ from starcoder.data.dataset import BlendedSamples, IndexCache, blended_samples, 
 from starcoder.data.fim import FimTransform, sample_rng
 from starcoder.data.tokenizer import MissingTokenError, Tokenizer
 
-log = logging.getLogger(__name__)
 TRAIN, VALID = 0, 1
+
+
+class Recycler:
+    """Arrays of one shape, reusing one only once nothing else references it: a tensor made by
+    `torch.from_numpy` holds its array until the last view of it dies (CPython reference counts).
+    Fresh half-megabyte arrays cost more in page faults than the copy that fills them."""
+
+    def __init__(self, shape: tuple, dtype, keep: int = 4):
+        self.shape, self.dtype, self.keep, self.arrays = shape, dtype, keep, []
+
+    def get(self) -> np.ndarray:
+        for arr in self.arrays:
+            if sys.getrefcount(arr) == 3:  # held only by self.arrays, `arr` and the call
+                return arr
+        arr = np.empty(self.shape, self.dtype)
+        if len(self.arrays) < self.keep:
+            self.arrays.append(arr)
+        return arr
 
 
 class MicroBatches(torch.utils.data.Dataset):
@@ -34,6 +51,13 @@ class MicroBatches(torch.utils.data.Dataset):
         self.samples, self.width, self.fim = samples, seq_length + 1, fim
         self.seed, self.split = seed, split
         self.eod, self.pad, self.mask_eod, self.mask_pad = eod, pad, mask_eod, mask_pad
+        self._buffers: dict = {}
+
+    def _buffer(self, shape: tuple, dtype) -> np.ndarray:
+        key = (shape, np.dtype(dtype).str)
+        if key not in self._buffers:
+            self._buffers[key] = Recycler(shape, dtype)
+        return self._buffers[key].get()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -41,18 +65,20 @@ class MicroBatches(torch.utils.data.Dataset):
     def __getitem__(self, positions: list[int]) -> dict:
         positions = np.asarray(positions, dtype=np.int64)
         n = len(self.samples)
-        tokens = self.samples.gather(positions % n, self.width)
+        tokens = self.samples.gather(positions % n, self.width,
+                                     out=self._buffer((len(positions), self.width), np.int64))
         if self.fim is not None:
             for row, j in enumerate(positions.tolist()):
                 rng = sample_rng(self.seed, self.split, j // n, j % n)
                 tokens[row] = self.fim(tokens[row], rng)
-        tokens = torch.from_numpy(tokens)
-        loss_mask = torch.ones(tokens.shape[0], self.width - 1, dtype=torch.float32)
+        # NumPy, not torch: torch's intra-op threads cost milliseconds per call on a busy host.
+        loss_mask = self._buffer((len(positions), self.width - 1), np.float32)
+        loss_mask.fill(1.0)
         if self.mask_eod:  # Megatron's --eod-mask-loss: no loss where the input token is EOD
             loss_mask[tokens[:, :-1] == self.eod] = 0.0
         if self.mask_pad and self.pad is not None:  # never learn to emit <fim_pad>
             loss_mask[tokens[:, 1:] == self.pad] = 0.0
-        return {"tokens": tokens, "loss_mask": loss_mask}
+        return {"tokens": torch.from_numpy(tokens), "loss_mask": torch.from_numpy(loss_mask)}
 
 
 def pretraining_order(start: int, stop: Optional[int], micro: int, dp_rank: int,
@@ -133,7 +159,9 @@ def build_samples(cfg: Config, split: int, num_samples: int) -> Optional[Blended
         if dist:
             torch.distributed.barrier()
         return samples
-    except FileNotFoundError as err:
+    except ConfigError:
+        raise
+    except (FileNotFoundError, ValueError) as err:  # a missing or unreadable .bin/.idx
         raise ConfigError(f"data.paths: {err}") from None
 
 
@@ -142,7 +170,10 @@ def _build(cfg: Config, tokenizer: Tokenizer, split: int, num_samples: int) -> O
     samples = build_samples(cfg, split, num_samples)
     if samples is None:
         return None
-    pad = tokenizer.fim_id("pad") if fim is not None or cfg.data.mask_fim_pad_loss else None
+    try:
+        pad = tokenizer.fim_id("pad") if fim is not None or cfg.data.mask_fim_pad_loss else None
+    except MissingTokenError as err:
+        raise ConfigError(f"data.mask_fim_pad_loss: {err}") from None
     return MicroBatches(samples, cfg.train.seq_length, fim, cfg.train.seed, split, tokenizer.eod_id,
                         pad, cfg.data.mask_eod_loss, cfg.data.mask_fim_pad_loss)
 

@@ -8,6 +8,7 @@ seeded per document) and writes the output in input order; `workers` processes o
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import math
 import multiprocessing
@@ -87,7 +88,7 @@ def preprocess_corpus(inputs: Union[str, Path, Iterable], tokenizer_spec: str, o
                       repo_key: Optional[str] = None, path_key: Optional[str] = None,
                       stars_key: Optional[str] = None, meta_prob: Optional[float] = None,
                       seed: int = 1234, escape_special_tokens: bool = False,
-                      input_grouped: bool = False, group_memory_mb: int = 1024,
+                      input_grouped: bool = False, group_memory_mb: float = 1024,
                       chunk_bytes: int = 1 << 20, progress: Optional[bool] = None) -> PreprocessReport:
     """See `starcoder.data.preprocess_corpus`."""
     start = time.perf_counter()
@@ -105,7 +106,7 @@ def preprocess_corpus(inputs: Union[str, Path, Iterable], tokenizer_spec: str, o
                               escaped_special_tokens=escape_special_tokens)
     counter = ByteCounter()
     reader = _Reader(files, opts, formatter, report, counter, input_grouped,
-                     group_memory_mb << 20, Path(output_prefix).parent)
+                     max(4096, int(group_memory_mb * 2**20)), Path(output_prefix).parent)
     bar = _progress(sum(f.stat().st_size for f in files), progress)
     with IndexedWriter(output_prefix, dtype) as writer:
         for flat, sizes, n_special, n_docs_special in _tokenize(
@@ -319,7 +320,7 @@ def tokenize_documents(docs: list[Document], tokenizer: Tokenizer, pattern, eod:
             n += len(ids)
         pieces.append((eod,))
         sizes[i] = n + 1
-    flat = np.fromiter((t for ids in pieces for t in ids), dtype=dtype, count=int(sizes.sum()))
+    flat = np.fromiter(itertools.chain.from_iterable(pieces), dtype=dtype, count=int(sizes.sum()))
     return flat, sizes, n_special, n_docs
 
 

@@ -49,7 +49,9 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], escape_special: bool = False) -> list[list[int]]:
+        """Encode many texts; with `escape_special`, literal special-token strings are encoded as
+        ordinary text (where the tokenizer supports it)."""
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -114,8 +116,8 @@ class HFTokenizer(Tokenizer):
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str], escape_special: bool = False) -> list[list[int]]:
-        """Encode many texts on the calling thread's `tokenizers` pool; with `escape_special`,
-        literal special-token strings are encoded as ordinary text."""
+        """Encode many texts (in parallel unless TOKENIZERS_PARALLELISM=false); with
+        `escape_special`, literal special-token strings are encoded as ordinary text."""
         backend = self.escaping_backend() if escape_special else self.backend
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
         return [e.ids for e in encode(list(texts), add_special_tokens=False)]

@@ -33,10 +33,13 @@ def test_permutation_is_independent_of_threads_and_uniform():
 
 @pytest.mark.parametrize("separate", [False, True])
 def test_document_and_shuffle_index_cpp_equals_python(separate):
-    a = helpers.document_index(7, 1007, 3, separate, seed=1, stream=16, backend="cpp")
-    b = helpers.document_index(7, 1007, 3, separate, seed=1, stream=16, backend="python")
-    assert a.dtype == b.dtype == np.int32
+    sizes = np.random.default_rng(0).integers(1, 100, size=1100).astype(np.int32)
+    a, a_sizes = helpers.document_index(7, 1007, 3, separate, seed=1, stream=16, sizes=sizes, backend="cpp")
+    b, b_sizes = helpers.document_index(7, 1007, 3, separate, seed=1, stream=16, sizes=sizes, backend="python")
+    assert a.dtype == b.dtype == a_sizes.dtype == np.int32
     np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a_sizes, sizes[a])  # sizes carried through the shuffle
+    np.testing.assert_array_equal(b_sizes, sizes[a])
     np.testing.assert_array_equal(np.bincount(a - 7), np.full(1000, 3))  # every document 3 times
     if separate:  # the last epoch is shuffled on its own: it holds each document once
         np.testing.assert_array_equal(np.sort(a[2000:]), np.arange(7, 1007))
@@ -51,12 +54,13 @@ def test_document_and_shuffle_index_cpp_equals_python(separate):
 @pytest.mark.parametrize("seq_length", [2, 64, 1000])
 def test_sample_index_equals_megatron_core(seq_length):
     sizes = np.random.default_rng(seq_length).integers(1, 400, size=700).astype(np.int32)
-    doc_idx = helpers.document_index(0, 700, 2, False, seed=3, stream=0)
+    doc_idx, doc_sizes = helpers.document_index(0, 700, 2, False, seed=3, stream=0, sizes=sizes)
     tokens = int(sizes.sum())
-    ours = helpers.sample_index(sizes, doc_idx, seq_length, 2, tokens, backend="cpp")
+    num_samples = (2 * tokens - 1) // seq_length
+    ours = helpers.sample_index(doc_sizes, seq_length, num_samples, backend="cpp")
     theirs = mcore.build_sample_idx_int32(sizes, doc_idx, seq_length, 2, tokens, True, 1)
     np.testing.assert_array_equal(ours, theirs)
-    np.testing.assert_array_equal(helpers.sample_index(sizes, doc_idx, seq_length, 2, tokens, backend="python"),
+    np.testing.assert_array_equal(helpers.sample_index(doc_sizes, seq_length, num_samples, backend="python"),
                                   theirs)
 
 
@@ -82,8 +86,8 @@ def test_gather_cpp_equals_python_and_concatenation(tmp_path, dtype):
         for d in docs:
             w.add_document(d)
     data = IndexedTokens(tmp_path / "d")
-    doc_idx = helpers.document_index(0, 300, 1, False, seed=4, stream=0)
-    sample_idx = helpers.sample_index(np.asarray(data.sizes), doc_idx, 16, 1, data.num_tokens)
+    doc_idx, doc_sizes = helpers.document_index(0, 300, 1, False, seed=4, stream=0, sizes=data.sizes)
+    sample_idx = helpers.sample_index(doc_sizes, 16, (data.num_tokens - 1) // 16)
     samples = rng.permutation(len(sample_idx) - 1)[:40].astype(np.int64)
     rows = rng.permutation(40).astype(np.int64)
     out = {}

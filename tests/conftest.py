@@ -1,0 +1,14 @@
+"""Session-wide test settings, applied before any test module imports Triton or torch threads."""
+
+import os
+import shutil
+import subprocess
+
+# Without a GPU, Triton kernels run under the interpreter. Triton reads this when a kernel is
+# decorated, so it must be set before starcoder.kernels is first imported (`make test` sets it too;
+# this makes a bare `pytest` behave the same).
+if "TRITON_INTERPRET" not in os.environ:
+    has_gpu = shutil.which("nvidia-smi") and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+    if not has_gpu:
+        os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "1")
