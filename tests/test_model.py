@@ -139,3 +139,11 @@ def test_half_precision_forward_tracks_fp32(dtype):
     half = model.to(dtype)(ids)
     assert half.dtype == dtype
     assert (half.float() - ref).abs().max() < 0.05
+
+
+def test_queries_align_to_the_last_keys():
+    """A decoding step (fewer queries than keys) sees the keys a full pass would give it."""
+    q, k, v = torch.randn(1, 10, 4, 8), torch.randn(1, 10, 2, 8), torch.randn(1, 10, 2, 8)
+    for window in (None, 3):
+        full = attention(q, k, v, window=window)
+        torch.testing.assert_close(attention(q[:, -2:], k, v, window=window), full[:, -2:])

@@ -40,8 +40,10 @@ def sdpa_attention(q, k, v, causal=True, window=None, scale=None, dropout_p=0.0)
     seq_q, seq_k = q.shape[1], k.shape[1]
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     gqa = q.shape[2] != k.shape[2]
-    if window is not None and window < seq_k:
-        mask = sliding_window_mask(seq_q, seq_k, window, causal, q.device)
+    # SDPA's is_causal aligns queries to the first keys; an explicit mask aligns them to the last
+    # (decoding with a cache), as the window does.
+    if (window is not None and window < seq_k) or (causal and seq_q != seq_k):
+        mask = sliding_window_mask(seq_q, seq_k, window or seq_k, causal, q.device)
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, dropout_p=dropout_p,
                                              scale=scale, enable_gqa=gqa)
     else:
