@@ -10,7 +10,8 @@
 Tensors are named `model.<param>`, `optim.<param>.<exp_avg|exp_avg_sq|step>` and
 `rng.rank<r>.<cpu|cuda>`. Each is described by its global shape and this rank's shard (a DTensor
 over the tensor-parallel mesh for a parameter carrying `full_shape`/`shard_slices`), so a
-checkpoint loads onto any data- or tensor-parallel layout, or onto one process. DCP's default
+checkpoint loads onto any data- or tensor-parallel layout, or onto one process (vocabulary
+tensors saved at another padding are re-padded, `_load_repadded`). DCP's default
 format pickles its `.metadata`; the safetensors storage used here keeps each shard's offsets in
 the safetensors headers instead, so loading reads tensors and JSON only and unpickles nothing.
 
@@ -190,12 +191,17 @@ def load_checkpoint(step_dir: Path, model: nn.Module, optimizer, grid: Grid,
     step_dir = Path(step_dir)
     state = read_state(step_dir)
     reader = _Reader(step_dir / DCP_DIR)
-    _check_shapes(model, reader.read_metadata(), read_config(step_dir), cfg, step_dir)
+    repadded = _check_shapes(model, reader.read_metadata(), read_config(step_dir), cfg, step_dir)
     tensors = {**model_tensors(model, grid), **optimizer_tensors(optimizer, model, grid)}
+    stored = reader.read_metadata().state_dict_metadata
+    for key in [k for k in tensors if _of_vocab(k, repadded, stored)]:
+        del tensors[key]  # read whole at the saved padding below
     same_world = state["world"]["size"] == grid.world_size
     if same_world:
         tensors.update(rng_tensors(grid, device))
     _dcp_load(tensors, reader, step_dir)
+    if repadded:
+        _load_repadded(repadded, model, optimizer, reader, step_dir, cfg.model.vocab_size)
     if same_world:
         torch.set_rng_state(tensors[f"rng.rank{grid.rank}.cpu"])
         if device.type == "cuda":
@@ -204,6 +210,41 @@ def load_checkpoint(step_dir: Path, model: nn.Module, optimizer, grid: Grid,
         log.info("checkpoint from %d ranks loaded onto %d: random states start from the seed",
                  state["world"]["size"], grid.world_size)
     return state
+
+
+def _of_vocab(key: str, names: set[str], metadata) -> bool:
+    """Whether tensor `key` is one of the parameters `names` or optimizer state shaped like it."""
+    return any(key == f"model.{name}" or (key.startswith(f"optim.{name}.") and key in metadata
+                                          and metadata[key].size == metadata[f"model.{name}"].size)
+               for name in names)
+
+
+@torch.no_grad()
+def _load_repadded(names: set[str], model: nn.Module, optimizer, reader: "_Reader", step_dir: Path,
+                   vocab_size: int) -> None:
+    """Load vocabulary tensors (and their Adam state) saved at another padding, as when the
+    tensor-parallel size changes the padded vocabulary (Megatron pads to a multiple of
+    make_vocab_size_divisible_by x tp). Only the first `vocab_size` rows mean anything: every rank
+    reads each tensor whole at its saved shape, one tensor at a time (on the CPU), and copies the
+    real rows of its own part; padding rows become zero. Each read is collective, so all ranks
+    walk the same keys, also those whose optimizer state another rank owns (ZeRO)."""
+    metadata = reader.read_metadata().state_dict_metadata
+    params = dict(model.named_parameters())
+    states = optimizer_state(optimizer, model)
+    for name in sorted(names):
+        param = params[name]
+        mine = {f"model.{name}": param.detach()}
+        mine.update({f"optim.{name}.{k}": v for k, v in states.get(name, {}).items()
+                     if torch.is_tensor(v) and v.shape == param.shape})
+        start = getattr(param, "shard_slices", (slice(0, None),))[0].start or 0
+        real = max(0, min(param.shape[0], vocab_size - start))  # real rows in this rank's part
+        for key in sorted(k for k in metadata if _of_vocab(k, {name}, metadata)):
+            meta = metadata[key]
+            whole = {key: torch.empty(meta.size, dtype=meta.properties.dtype)} if key in mine else {}
+            _dcp_load(whole, reader, step_dir)
+            if key in mine:
+                mine[key][:real].copy_(whole[key][start:start + real])
+                mine[key][real:].zero_()
 
 
 def iter_checkpoint_weights(step_dir: str | Path) -> tuple[Config, Iterator[tuple[str, torch.Tensor]]]:
@@ -246,13 +287,19 @@ def _dcp_load(tensors: dict, reader: _Reader, step_dir: Path, single_process: bo
         raise RuntimeError(f"{step_dir}: cannot load the checkpoint: {err}") from None
 
 
-def _check_shapes(model: nn.Module, metadata, saved: Config, cfg: Config, step_dir: Path) -> None:
-    """A model that does not fit the checkpoint is a config error naming the first differing key."""
+def _check_shapes(model: nn.Module, metadata, saved: Config, cfg: Config, step_dir: Path) -> set[str]:
+    """A model that does not fit the checkpoint is a config error naming the first differing key.
+    Returns the vocabulary tensors stored at another padding of the same vocabulary."""
     stored = {k[len("model."):]: tuple(v.size) for k, v in metadata.state_dict_metadata.items()
               if k.startswith("model.")}
     wanted = {n: tuple(getattr(p, "full_shape", p.shape)) for n, p in model.named_parameters()}
-    if stored == wanted:
-        return
+    repadded = set()
+    if saved.model.vocab_size == cfg.model.vocab_size:
+        repadded = {n for n in VOCAB_PADDED if n in stored and n in wanted
+                    and stored[n] != wanted[n] and stored[n][1:] == wanted[n][1:]}
+    if {n: s for n, s in stored.items() if n not in repadded} == \
+            {n: s for n, s in wanted.items() if n not in repadded}:
+        return repadded
     for key, value in vars(cfg.model).items():
         if getattr(saved.model, key) != value:
             raise ConfigError(f"model.{key}: the checkpoint {step_dir} has "

@@ -180,3 +180,43 @@ def test_a_model_that_does_not_fit_names_the_key(setup, corpus, tmp_path):
     model2 = build_model(other, Grid(), CPU)
     with pytest.raises(ConfigError, match="^model.num_layers: the checkpoint"):
         ckpt.load_checkpoint(step_dir, model2, build_optimizer(model2, other, Grid(), CPU), Grid(), CPU, other)
+
+
+def test_vocabulary_tensors_load_at_another_padding(corpus, tmp_path):
+    """Vocabulary 8200 pads to 8320 rows at a multiple of 128 and to 8448 at 256 (as at TP 2): a
+    checkpoint loads at the other padding and back, the real rows of weights and Adam state carry
+    over exactly, and padding rows are zero."""
+    sets = ("model.vocab_size=8200", "model.tie_word_embeddings=false")
+    configs = {rows: tiny_config(corpus, tmp_path / str(rows), *sets,
+                                 f"model.make_vocab_size_divisible_by={multiple}")
+               for rows, multiple in ((8320, 128), (8448, 256))}
+    tok = load_tokenizer(configs[8320].data.tokenizer)
+    ids = torch.randint(0, 8200, (2, 17), generator=torch.Generator().manual_seed(0))
+    model = build_model(configs[8320], Grid(), CPU)
+    opt = build_optimizer(model, configs[8320], Grid(), CPU)
+    model(ids[:, :-1], ids[:, 1:]).mean().backward()
+    opt.step()
+
+    def round_trip(model, opt, rows_to):
+        cfg = configs[model.padded_vocab_size]
+        state = {"train_state": {"step": 1}, "world": {"size": 1}}
+        step_dir = ckpt.save_checkpoint(cfg.train.output_dir, 1, model, opt, Grid(), CPU, cfg, tok, state)
+        model2, opt2 = fresh(configs[rows_to])
+        ckpt.load_checkpoint(step_dir, model2, opt2, Grid(), CPU, configs[rows_to])
+        return model2, opt2
+
+    model2, opt2 = round_trip(model, opt, 8448)
+    model3, opt3 = round_trip(model2, opt2, 8320)
+    states = [optimizer_state(o, m) for o, m in ((opt, model), (opt2, model2), (opt3, model3))]
+    for name, p in model.named_parameters():
+        p2, p3 = model2.get_parameter(name), model3.get_parameter(name)
+        pairs = [(p, p2, "weight")] + [(states[0][name][k], states[1][name][k], k)
+                                       for k in ("exp_avg", "exp_avg_sq")]
+        for a, b, what in pairs:
+            if name in ckpt.VOCAB_PADDED:
+                assert b.shape[0] == 8448 and torch.equal(b[:8200], a[:8200]), (name, what)
+                assert not b[8200:].any(), (name, what)  # padding rows restart at zero
+                assert a[:8200].abs().sum() > 0
+            else:
+                assert torch.equal(a, b), (name, what)
+        assert torch.equal(p3[:8200], p[:8200]) and p3.shape == p.shape, name
