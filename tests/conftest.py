@@ -4,6 +4,8 @@ import os
 import shutil
 import subprocess
 
+import pytest
+
 # Without a GPU, Triton kernels run under the interpreter. Triton reads this when a kernel is
 # decorated, so it must be set before starcoder.kernels is first imported (`make test` sets it too;
 # this makes a bare `pytest` behave the same).
@@ -12,3 +14,14 @@ if "TRITON_INTERPRET" not in os.environ:
     if not has_gpu:
         os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture
+def one_thread():
+    """Pin torch's thread count for tests that compare results bit for bit across processes."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -39,12 +39,7 @@ LOSS_TOL = 1e-5  # absolute, on losses of 9 down to 7.5 (measured: up to 7e-7)
 NORM_TOL = 1e-5  # relative (measured: up to 7e-7)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,7 @@ from starcoder.training.trainer import train
 from tests.distributed import World
 from tests.training.helpers import close, losses, metrics, tiny_config
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

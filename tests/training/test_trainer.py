@@ -19,13 +19,7 @@ from starcoder.training.trainer import TrainingError, train
 from tests.training.helpers import losses, metrics, tiny_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Pin the thread count: results are compared bit for bit with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_loss_falls_and_the_run_writes_its_outputs(corpus, tmp_path):
