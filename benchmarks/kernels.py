@@ -25,8 +25,6 @@ attention.md + attention.png, kernels.md + kernels.png.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import math
 import os
 import statistics
 import sys

@@ -14,8 +14,6 @@ import triton.language as tl
 
 from starcoder.kernels._triton import AUTOTUNE, INTERPRET, check_dtype, rows_view
 
-SQRT_2_OVER_PI = 0.7978845608028654
-
 
 def bias_gelu_reference(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return F.gelu(x + bias, approximate="tanh")

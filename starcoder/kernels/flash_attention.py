@@ -28,7 +28,6 @@ from starcoder.kernels._triton import (AUTOTUNE, INTERPRET, check_dtype, last_di
                                        multiprocessors)
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,

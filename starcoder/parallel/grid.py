@@ -10,7 +10,6 @@ With fewer KV heads than tensor-parallel ranks, blocks of adjacent TP ranks hold
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -84,7 +83,3 @@ def default_backend(parallel: ParallelConfig, device: torch.device) -> str:
         return parallel.backend
     return "nccl" if device.type == "cuda" else "gloo"
 
-
-def launched_distributed() -> bool:
-    """True under torchrun / srun (the launcher set WORLD_SIZE or SLURM_NTASKS above one)."""
-    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1

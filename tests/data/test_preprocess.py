@@ -5,7 +5,6 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset
