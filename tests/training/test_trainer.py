@@ -168,3 +168,11 @@ def test_resuming_with_another_model_names_the_differing_key(corpus, tmp_path):
     train(tiny_config(corpus, tmp_path, "train.max_steps=1"))
     with pytest.raises(ConfigError, match="^model.ffn_hidden_size:"):
         train(tiny_config(corpus, tmp_path, "train.max_steps=2", "model.ffn_hidden_size=256"))
+
+
+def test_wandb_logs_offline_without_a_key(corpus, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(tiny_config(corpus, tmp_path, "train.max_steps=2", "log.every=1", "log.wandb=true"))
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
