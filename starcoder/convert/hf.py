@@ -40,13 +40,10 @@ def _pairs(hf_prefix: str, native_prefix: str, leaves=("weight", "bias")) -> lis
 
 def rules(cfg: ModelConfig) -> list[Rule]:
     n, g, d = cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim
-    vocab = cfg.vocab_size
-    # The native embedding/head may carry padded rows (training checkpoints); HF never does.
-    real_rows = (lambda t: (t[:vocab],), lambda t: (t,))
     out: list[Rule] = []
     if cfg.architecture == "gpt_bigcode":
         layer = "transformer.h.{i}"
-        out += [Rule(("transformer.wte.weight",), ("embedding.word.weight",), *real_rows),
+        out += [Rule(("transformer.wte.weight",), ("embedding.word.weight",)),
                 Rule(("transformer.wpe.weight",), ("embedding.position.weight",))]
         out += _pairs(f"{layer}.ln_1", "blocks.{i}.attn_norm")
         out += _pairs(f"{layer}.ln_2", "blocks.{i}.mlp_norm")
@@ -61,7 +58,7 @@ def rules(cfg: ModelConfig) -> list[Rule]:
         out += _pairs("transformer.ln_f", "final_norm")
     else:
         layer = "model.layers.{i}"
-        out.append(Rule(("model.embed_tokens.weight",), ("embedding.word.weight",), *real_rows))
+        out.append(Rule(("model.embed_tokens.weight",), ("embedding.word.weight",)))
         out += _pairs(f"{layer}.input_layernorm", "blocks.{i}.attn_norm")
         out += _pairs(f"{layer}.post_attention_layernorm", "blocks.{i}.mlp_norm")
         out += _pairs(f"{layer}.self_attn.q_proj", "blocks.{i}.attn.q_proj")
@@ -73,7 +70,7 @@ def rules(cfg: ModelConfig) -> list[Rule]:
         out += _pairs(f"{layer}.mlp.c_proj", "blocks.{i}.mlp.fc_out")
         out += _pairs("model.norm", "final_norm")
     if not cfg.tie_word_embeddings:
-        out.append(Rule(("lm_head.weight",), ("head.weight",), *real_rows))
+        out.append(Rule(("lm_head.weight",), ("head.weight",)))
     return out
 
 
