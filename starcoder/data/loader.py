@@ -27,16 +27,23 @@ TRAIN, VALID = 0, 1
 
 class Recycler:
     """Arrays of one shape, reusing one only once nothing else references it: a tensor made by
-    `torch.from_numpy` holds its array until the last view of it dies (CPython reference counts).
-    Fresh half-megabyte arrays cost more in page faults than the copy that fills them."""
+    `torch.from_numpy` (or any view of it) holds its array until the last view dies, so an array
+    whose reference count is what a free one counts is free. Fresh half-megabyte arrays cost more
+    in page faults than the copy that fills them."""
 
     def __init__(self, shape: tuple, dtype, keep: int = 4):
         self.shape, self.dtype, self.keep, self.arrays = shape, dtype, keep, []
+        # Measured, not assumed: how the interpreter counts references differs between versions.
+        self._free_refs = self._refs([np.empty(0)], 0)
+
+    @staticmethod
+    def _refs(arrays: list, i: int) -> int:
+        return sys.getrefcount(arrays[i])
 
     def get(self) -> np.ndarray:
-        for arr in self.arrays:
-            if sys.getrefcount(arr) == 3:  # held only by self.arrays, `arr` and the call
-                return arr
+        for i in range(len(self.arrays)):
+            if self._refs(self.arrays, i) == self._free_refs:
+                return self.arrays[i]
         arr = np.empty(self.shape, self.dtype)
         if len(self.arrays) < self.keep:
             self.arrays.append(arr)

@@ -242,3 +242,19 @@ def test_a_split_without_tokens_names_data_split(tmp_path, tiny):
     cfg = make_cfg([str(tmp_path / "one")], tmp_path, "data.split=50,50,0")
     with pytest.raises(ConfigError, match="^data.split: .*train split .* needs more than one"):
         build_train_loader(cfg, tiny, dp_rank=0, dp_size=1, consumed_samples=0)
+
+
+def test_recycled_arrays_are_reused_only_once_released():
+    from starcoder.data.loader import Recycler
+
+    recycler = Recycler((4, 8), np.int64, keep=2)
+    first = recycler.get()
+    held = torch.from_numpy(first)[:, 1:]  # a view of a tensor over the array: still in use
+    del first
+    second = recycler.get()
+    assert second is not held.numpy().base and not np.shares_memory(second, held.numpy())
+    del held
+    third = recycler.get()
+    assert third is recycler.arrays[0]  # released, so reused
+    del second, third
+    assert recycler.get() is recycler.arrays[0]
