@@ -185,6 +185,16 @@ class Config:
         return self
 
 
+def accumulation_steps(train: TrainConfig, dp_size: int) -> int:
+    """Micro-batches per rank per step: global / (micro x data parallel), which must divide."""
+    per_step = train.micro_batch_size * dp_size
+    if train.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size: {train.global_batch_size} is not divisible by "
+                          f"train.micro_batch_size x data-parallel size ({train.micro_batch_size} x "
+                          f"{dp_size})")
+    return train.global_batch_size // per_step
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 

@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from starcoder.config import Config, ConfigError
+from starcoder.config import Config, ConfigError, accumulation_steps
 from starcoder.data.dataset import BlendedSamples, IndexCache, blended_samples, writable_dir
 from starcoder.data.fim import FimTransform, sample_rng
 from starcoder.data.tokenizer import MissingTokenError, Tokenizer
@@ -126,9 +126,7 @@ def _check(cfg: Config, dp_rank: int, dp_size: int) -> None:
                           "optionally weighted); make some with `starcoder preprocess`")
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} is outside dp_size {dp_size}")
-    if t.global_batch_size % (t.micro_batch_size * dp_size):
-        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
-                          f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp_size})")
+    accumulation_steps(t, dp_size)
 
 
 def _fim(cfg: Config, tokenizer: Tokenizer) -> Optional[FimTransform]:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from starcoder.api import iter_weights, load_weights_into
-from starcoder.config import Config, ConfigError
+from starcoder.config import Config, ConfigError, accumulation_steps
 from starcoder.data import build_train_loader, build_valid_loader, load_tokenizer
 from starcoder.models.flops import model_flops_per_token
 from starcoder.models.gpt import GPT
@@ -97,16 +97,6 @@ def check_supported(cfg: Config) -> None:
                           "`starcoder preprocess`)")
 
 
-def accumulation_steps(cfg: Config, grid: Grid) -> int:
-    t = cfg.train
-    per_step = t.micro_batch_size * grid.dp
-    if t.global_batch_size % per_step:
-        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
-                          f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x "
-                          f"{grid.dp})")
-    return t.global_batch_size // per_step
-
-
 def build_model(cfg: Config, grid: Grid, device: torch.device) -> GPT:
     """The model for this rank: built on the meta device, split for tensor parallelism, then
     materialised and initialised (each full tensor drawn from the seed, then sliced, so every
@@ -140,7 +130,7 @@ class Trainer:
         self.cfg, t = cfg, cfg.train
         self.device = resolve_device(t.device)
         self.grid = init_grid(cfg.parallel, self.device.type)
-        self.accum = accumulation_steps(cfg, self.grid)
+        self.accum = accumulation_steps(t, self.grid.dp)
         self.precision = resolve_precision(t, self.device)
         try:
             self.tokenizer = load_tokenizer(cfg.data.tokenizer)
