@@ -40,7 +40,12 @@ def parse_yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A user's mistake (a bad path, file or value): the CLI prints the message as one line and
+    exits 2. The message names the file or key."""
+
+
+class ConfigError(UserError):
     """A bad configuration value; the message names the key."""
 
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
-from starcoder.config import ConfigError
+from starcoder.config import UserError
 
 # name -> (module under starcoder.cli, one-line help)
 COMMANDS = {
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="starcoder",
         description="Pretraining stack for StarCoder / StarCoder2 code models.",
         epilog="Run `starcoder COMMAND --help` for a command's options.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also STARCODER_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     argv = sys.argv[1:] if argv is None else argv
     # Only the chosen command's module is imported; the others appear with their help line.
@@ -40,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return handlers[args.command](args) or 0
-    except ConfigError as err:
+    except UserError as err:
+        if args.debug or os.environ.get("STARCODER_DEBUG") == "1":
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from starcoder.api import config_from_hf_folder, iter_weights, resolve_folder
+from starcoder.convert.weights import config_from_hf_folder, iter_weights, resolve_folder
 from starcoder.convert.hf import hf_config, hf_to_native, native_to_hf
 from starcoder.convert.native import copy_tokenizer_files, write_model_folder
 from starcoder.convert.sharded import DEFAULT_SHARD_SIZE, ShardedWriter, iter_safetensors

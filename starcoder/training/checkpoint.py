@@ -1,11 +1,6 @@
 """Checkpoints: `torch.distributed.checkpoint` over safetensors files, committed atomically.
-
-    <output_dir>/checkpoints/latest                 the name of the newest complete step folder
-    <output_dir>/checkpoints/step_0000100/
-        config.yaml                                 the resolved run config
-        trainer_state.json                          step, consumed samples, loss scale, ... (JSON)
-        tokenizer.json, ...                         the tokenizer files
-        dcp/shard-00001-model-00001-of-00001.safetensors   one file per rank
+The folder layout, and reading a checkpoint without a process group, are in
+`starcoder.convert.checkpoints`.
 
 Tensors are named `model.<param>`, `optim.<param>.<exp_avg|exp_avg_sq|step>` and
 `rng.rank<r>.<cpu|cuda>`. Each is described by its global shape and this rank's shard (a DTensor
@@ -25,68 +20,24 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
-import warnings
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-from starcoder.config import Config, ConfigError, load_config
+from starcoder.config import Config, ConfigError
+from starcoder.convert.checkpoints import (CONFIG_FILE, DCP_DIR, LATEST, STATE_FILE, STEP_RE,
+                                           VOCAB_PADDED, CheckpointReader, checkpoints_dir,
+                                           dcp_load, quiet_single_process, read_config,
+                                           read_state, step_name)
 from starcoder.parallel import Grid, to_dtensor
 from starcoder.training.optimizer import optimizer_state
 
 log = logging.getLogger("starcoder.train")
-
-LATEST = "latest"
-STATE_FILE = "trainer_state.json"
-CONFIG_FILE = "config.yaml"
-DCP_DIR = "dcp"
-STEP_RE = re.compile(r"^step_(\d+)$")
-# Rows of these tensors are padded to the padded vocabulary inside a run; exports drop them.
-VOCAB_PADDED = ("embedding.word.weight", "head.weight")
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:07d}"
-
-
-def checkpoints_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def is_step_folder(path: str | Path) -> bool:
-    return (Path(path) / STATE_FILE).is_file() and (Path(path) / DCP_DIR).is_dir()
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The step folder `latest` names in a run folder, or None when the run has none yet."""
-    pointer = checkpoints_dir(run_dir) / LATEST
-    if not pointer.is_file():
-        return None
-    folder = pointer.parent / pointer.read_text().strip()
-    if not is_step_folder(folder):
-        raise FileNotFoundError(f"{pointer} names {folder.name}, which is not a complete checkpoint")
-    return folder
-
-
-def resolve_checkpoint(path: str | Path) -> Path | None:
-    """The step folder meant by a step folder, a run folder or its `checkpoints` folder (these
-    follow `latest`); None for anything else, e.g. a model folder."""
-    path = Path(path)
-    if is_step_folder(path):
-        return path
-    if (checkpoints_dir(path) / LATEST).is_file():
-        return latest_checkpoint(path)
-    if path.name == "checkpoints" and (path / LATEST).is_file():
-        return latest_checkpoint(path.parent)
-    return None
-
 
 # --------------------------------------------------------------------------------------------
 # What goes into a checkpoint
@@ -137,7 +88,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer,
     _barrier()
     tensors = {**model_tensors(model, grid), **optimizer_tensors(optimizer, model, grid),
                **rng_tensors(grid, device)}
-    with _quiet_single_process():
+    with quiet_single_process():
         dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(partial / DCP_DIR),
                                                                   save_distributed=True))
     # dcp.save returns on rank 0 only after every rank's files are written.
@@ -177,20 +128,12 @@ def remove_partial(run_dir: str | Path) -> None:
 # Load
 
 
-def read_state(step_dir: Path) -> dict:
-    return json.loads((Path(step_dir) / STATE_FILE).read_text())
-
-
-def read_config(step_dir: Path) -> Config:
-    return load_config(Path(step_dir) / CONFIG_FILE)
-
-
 def load_checkpoint(step_dir: Path, model: nn.Module, optimizer, grid: Grid,
                     device: torch.device, cfg: Config) -> dict:
     """Load model, optimizer and (same world size only) RNG states in place; return the JSON state."""
     step_dir = Path(step_dir)
     state = read_state(step_dir)
-    reader = _Reader(step_dir / DCP_DIR)
+    reader = CheckpointReader(step_dir / DCP_DIR)
     repadded = _check_shapes(model, reader.read_metadata(), read_config(step_dir), cfg, step_dir)
     tensors = {**model_tensors(model, grid), **optimizer_tensors(optimizer, model, grid)}
     stored = reader.read_metadata().state_dict_metadata
@@ -199,7 +142,7 @@ def load_checkpoint(step_dir: Path, model: nn.Module, optimizer, grid: Grid,
     same_world = state["world"]["size"] == grid.world_size
     if same_world:
         tensors.update(rng_tensors(grid, device))
-    _dcp_load(tensors, reader, step_dir)
+    dcp_load(tensors, reader, step_dir)
     if repadded:
         _load_repadded(repadded, model, optimizer, reader, step_dir, cfg.model.vocab_size)
     if same_world:
@@ -220,7 +163,7 @@ def _of_vocab(key: str, names: set[str], metadata) -> bool:
 
 
 @torch.no_grad()
-def _load_repadded(names: set[str], model: nn.Module, optimizer, reader: "_Reader", step_dir: Path,
+def _load_repadded(names: set[str], model: nn.Module, optimizer, reader: CheckpointReader, step_dir: Path,
                    vocab_size: int) -> None:
     """Load vocabulary tensors (and their Adam state) saved at another padding, as when the
     tensor-parallel size changes the padded vocabulary (Megatron pads to a multiple of
@@ -241,50 +184,10 @@ def _load_repadded(names: set[str], model: nn.Module, optimizer, reader: "_Reade
         for key in sorted(k for k in metadata if _of_vocab(k, {name}, metadata)):
             meta = metadata[key]
             whole = {key: torch.empty(meta.size, dtype=meta.properties.dtype)} if key in mine else {}
-            _dcp_load(whole, reader, step_dir)
+            dcp_load(whole, reader, step_dir)
             if key in mine:
                 mine[key][:real].copy_(whole[key][start:start + real])
                 mine[key][real:].zero_()
-
-
-def iter_checkpoint_weights(step_dir: str | Path) -> tuple[Config, Iterator[tuple[str, torch.Tensor]]]:
-    """(config, iterator of (parameter name, full unpadded fp32 tensor)) from a step folder, one
-    tensor in memory at a time, without a process group."""
-    step_dir = Path(step_dir)
-    cfg = read_config(step_dir)
-    reader = _Reader(step_dir / DCP_DIR)
-    metadata = reader.read_metadata().state_dict_metadata
-    names = [key[len("model."):] for key in metadata if key.startswith("model.")]
-
-    def tensors():
-        for name in names:
-            meta = metadata[f"model.{name}"]
-            tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
-            _dcp_load({f"model.{name}": tensor}, reader, step_dir, single_process=True)
-            yield name, tensor[: cfg.model.vocab_size] if name in VOCAB_PADDED else tensor
-
-    return cfg, tensors()
-
-
-class _Reader(HuggingFaceStorageReader):
-    """Reads every shard's safetensors header once, however many loads follow."""
-
-    def __init__(self, path: Path):
-        super().__init__(str(path))
-        self._metadata = None
-
-    def read_metadata(self):
-        if self._metadata is None:
-            self._metadata = super().read_metadata()
-        return self._metadata
-
-
-def _dcp_load(tensors: dict, reader: _Reader, step_dir: Path, single_process: bool = False) -> None:
-    try:
-        with _quiet_single_process():
-            dcp.load(tensors, storage_reader=reader, no_dist=single_process)
-    except dcp.api.CheckpointException as err:  # a BaseException: re-raise as an ordinary error
-        raise RuntimeError(f"{step_dir}: cannot load the checkpoint: {err}") from None
 
 
 def _check_shapes(model: nn.Module, metadata, saved: Config, cfg: Config, step_dir: Path) -> set[str]:
@@ -315,15 +218,6 @@ def _check_shapes(model: nn.Module, metadata, saved: Config, cfg: Config, step_d
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-class _quiet_single_process(warnings.catch_warnings):
-    """DCP warns that it assumes a single process when there is no process group; that is meant."""
-
-    def __enter__(self):
-        super().__enter__()
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        return self
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from starcoder.api import iter_weights, load_weights_into
+from starcoder.convert.weights import iter_weights, load_weights_into
 from starcoder.config import Config, ConfigError, accumulation_steps
 from starcoder.data import build_train_loader, build_valid_loader, load_tokenizer
 from starcoder.models.flops import model_flops_per_token
@@ -38,8 +38,8 @@ from starcoder.models.gpt import GPT
 from starcoder.models.init import init_weights
 from starcoder.parallel import (Grid, any_nonfinite, clip_grad_norm_, grad_norm, init_grid,
                                 materialize, parallelize, reduce_replicated_grads)
-from starcoder.training.checkpoint import (latest_checkpoint, load_checkpoint, remove_partial,
-                                           save_checkpoint)
+from starcoder.convert.checkpoints import latest_checkpoint
+from starcoder.training.checkpoint import load_checkpoint, remove_partial, save_checkpoint
 from starcoder.training.distributed import resolve_device
 from starcoder.training.metrics import (MetricsLogger, check_logging, mfu, peak_memory_gib,
                                         peak_tflops)

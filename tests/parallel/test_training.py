@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 import starcoder
 from starcoder.cli import main as starcoder_main
 from starcoder.config import load_config
-from starcoder.training.checkpoint import iter_checkpoint_weights, latest_checkpoint, read_state
+from starcoder.convert.checkpoints import iter_checkpoint_weights, latest_checkpoint, read_state
 from starcoder.training.signals import StopRequest
 from starcoder.training.trainer import Trainer, train
 from tests.distributed import World

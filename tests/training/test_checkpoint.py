@@ -9,11 +9,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import starcoder
-from starcoder.api import iter_weights
+from starcoder.convert.weights import iter_weights
 from starcoder.config import ConfigError
 from starcoder.convert.export import to_hf
 from starcoder.data import load_tokenizer
 from starcoder.parallel.grid import Grid
+from starcoder.convert import checkpoints
 from starcoder.training import checkpoint as ckpt
 from starcoder.training.optimizer import build_optimizer, optimizer_state
 from starcoder.training.trainer import build_model
@@ -56,7 +57,7 @@ def test_round_trip_is_exact(setup, tmp_path):
     torch.manual_seed(123)
     step_dir = save(7)
     expected_random = torch.rand(3)
-    assert ckpt.latest_checkpoint(tmp_path / "run") == step_dir and step_dir.name == "step_0000007"
+    assert checkpoints.latest_checkpoint(tmp_path / "run") == step_dir and step_dir.name == "step_0000007"
 
     model2, opt2 = fresh(cfg)
     torch.manual_seed(0)
@@ -130,14 +131,14 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(setup, tmp_path, mo
     if phase == "shard file":
         shard = "dcp/shard-00001-model-00001-of-00001.safetensors"
         assert (partial / shard).stat().st_size < (good / shard).stat().st_size
-    assert ckpt.latest_checkpoint(run) == good
+    assert checkpoints.latest_checkpoint(run) == good
     model2, opt2 = fresh(cfg)
     ckpt.load_checkpoint(good, model2, opt2, Grid(), CPU, cfg)
     assert all(torch.equal(p, before[n]) for n, p in model2.named_parameters())
     ckpt.remove_partial(run)  # what the next start does
     assert not list((run / "checkpoints").glob(".*partial"))
     assert save(2).name == "step_0000002"  # and saving that step again works
-    assert ckpt.latest_checkpoint(run).name == "step_0000002"
+    assert checkpoints.latest_checkpoint(run).name == "step_0000002"
 
 
 def test_keep_last_prunes_older_steps(setup, tmp_path):
@@ -153,9 +154,9 @@ def test_run_and_step_folders_read_as_models(setup, tmp_path):
     save(1)
     step_dir = save(2)
     run = tmp_path / "run"
-    assert ckpt.resolve_checkpoint(run) == ckpt.resolve_checkpoint(run / "checkpoints") == step_dir
-    assert ckpt.resolve_checkpoint(run / "checkpoints/step_0000001").name == "step_0000001"
-    assert ckpt.resolve_checkpoint(tmp_path) is None
+    assert checkpoints.resolve_checkpoint(run) == checkpoints.resolve_checkpoint(run / "checkpoints") == step_dir
+    assert checkpoints.resolve_checkpoint(run / "checkpoints/step_0000001").name == "step_0000001"
+    assert checkpoints.resolve_checkpoint(tmp_path) is None
     config, tensors = iter_weights(run)
     tensors = dict(tensors)
     assert config.model == cfg.model

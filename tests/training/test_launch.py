@@ -15,7 +15,7 @@ import torch
 
 from starcoder.cli import main
 from starcoder.config import ConfigError
-from starcoder.training.checkpoint import latest_checkpoint, read_state
+from starcoder.convert.checkpoints import latest_checkpoint, read_state
 from starcoder.training.distributed import world_from_environment
 from starcoder.training.trainer import train
 from tests.training.helpers import metrics, tiny_args, tiny_config

@@ -8,13 +8,13 @@ import torch
 from transformers import Starcoder2Config, Starcoder2ForCausalLM
 
 import starcoder
-from starcoder.api import iter_weights
+from starcoder.convert.weights import iter_weights
 from starcoder.config import ConfigError
 from starcoder.data import build_train_loader, load_tokenizer
 from starcoder.models import gpt
 from starcoder.models.gpt import GPT
 from starcoder.models.init import init_weights
-from starcoder.training.checkpoint import latest_checkpoint
+from starcoder.convert.checkpoints import latest_checkpoint
 from starcoder.training.trainer import TrainingError, train
 from tests.training.helpers import losses, metrics, tiny_config
 
