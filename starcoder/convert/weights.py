@@ -35,6 +35,7 @@ from starcoder.convert.native import CONFIG_NAME, is_model_folder, iter_model_fo
 from starcoder.convert.native import read_config as read_native_config
 from starcoder.convert.sharded import iter_safetensors, open_safetensors, read_headers
 from starcoder.models.gpt import GPT
+from starcoder.parallel import to_dtensor
 
 HF_CONFIG = "config.json"
 # safetensors header dtypes, by the names torch gives them
@@ -298,8 +299,6 @@ def _load_step_folder(model: GPT, step_dir: Path, grid) -> None:
     """DCP reads, for a tensor described by its global shape and this rank's shard (a DTensor),
     only the stored pieces that overlap the shard. Vocabulary tensors stored at another padding
     are read whole, one at a time, and their real rows copied."""
-    from starcoder.parallel import to_dtensor  # the parallel layer only when a grid is given
-
     reader = CheckpointReader(step_dir / DCP_DIR)
     metadata = reader.read_metadata().state_dict_metadata
     distributed = dist.is_available() and dist.is_initialized()
