@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 
 import pytest
 import torch
@@ -174,3 +175,26 @@ def test_exported_files_follow_the_umask(native_folder, tmp_path, umask):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
         for path in folder.iterdir():
             assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+
+
+def test_the_folders_of_a_killed_conversion_are_cleaned_up(hf_folder, native_folder, tmp_path, capsys):
+    """A conversion killed while writing leaves `.NAME.tmp-PID`; one killed between its two final
+    renames leaves the previous output set aside as `.NAME.old-PID`. The next conversion into
+    the same output removes the first and puts the second back, even when it fails itself."""
+    dead = _dead_pid()
+    out = tmp_path / "out"
+    shutil.copytree(native_folder, tmp_path / f".out.old-{dead}")
+    (tmp_path / f".out.tmp-{dead}").mkdir()
+    source = copy(hf_folder, tmp_path)
+    rewrite_shard(shard_of(source, K0), lambda t: t.pop(K0))
+    code, err = run_cli(capsys, "convert", "from-hf", "--model", str(source), "--output", str(out))
+    assert_one_line(code, err, [K0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == \
+        {p.name: p.read_bytes() for p in native_folder.iterdir()}
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid

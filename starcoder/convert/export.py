@@ -26,9 +26,9 @@ def to_hf(source: str | Path, output: str | Path, max_shard_size: int | str = DE
     """Any readable folder -> a Hugging Face model folder (config.json, safetensors, tokenizer)."""
     parse_size(max_shard_size)
     source, output = resolve_folder(source), Path(output)
-    cfg, tensors = iter_weights(source)
     seen_dtype = None
     with replacing_folder(output) as tmp:
+        cfg, tensors = iter_weights(source)
         with ShardedWriter(tmp, max_shard_size) as writer:
             for name, tensor in native_to_hf(cfg.model, tensors):
                 if dtype is not None and tensor.is_floating_point():
@@ -47,8 +47,8 @@ def from_hf(source: str | Path, output: str | Path, max_shard_size: int | str = 
     source, output = resolve_folder(source), Path(output)
     if not is_hf_folder(source):
         raise UserError(f"{source}: not a Hugging Face model folder (no config.json)")
-    cfg, tensors = iter_weights(source)
     with replacing_folder(output) as tmp:
+        cfg, tensors = iter_weights(source)
         write_model_folder(tmp, cfg, tensors, max_shard_size)
         _copy_extras(source, tmp)
     return output

@@ -44,6 +44,9 @@ _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat
            "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 # Keys that change what the rows of equally shaped attention tensors mean.
 _HEAD_LAYOUT = ("architecture", "num_attention_heads", "num_query_groups")
+# Keys that shape tensors, named when shapes do not fit.
+_SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "vocab_size", "tie_word_embeddings",
+               "position_embedding", *_HEAD_LAYOUT)
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -211,32 +214,33 @@ def load_weights(model: GPT, path: str | Path, grid=None) -> Config:
 
 
 def check_fits(model: GPT, folder: Path, source: Config) -> None:
-    stored = native_shapes(source)
-    target = model.cfg
+    """The source (config `source`) has exactly the model's tensors and shapes, except that
+    vocabulary tensors may have any row count from `vocab_size` up to the padded one."""
+    stored, target = native_shapes(source), model.cfg
+    hint = _differing_keys(source, target)
     for name, param in model.named_parameters():
         full = tuple(getattr(param, "full_shape", param.shape))
         have = stored.pop(name, None)
         if have is None:
-            raise UserError(f"{folder}: has no tensor {name}, which the model needs{_diff(source, target)}")
-        fits = have == full or (name in VOCAB_PADDED and have[1:] == full[1:]
-                                and target.vocab_size <= have[0] <= full[0])
-        if not fits:
-            raise UserError(f"{folder}: tensor {name} has shape {have}, the model {full}"
-                            f"{' (vocabulary rows may differ only within the padding)' if name in VOCAB_PADDED else ''}"
-                            f"{_diff(source, target)}")
+            raise UserError(f"{folder}: has no tensor {name}, which the model needs{hint}")
+        if have == full:
+            continue
+        if name not in VOCAB_PADDED:
+            raise UserError(f"{folder}: tensor {name} has shape {have}, the model {full}{hint}")
+        if have[1:] != full[1:] or not target.vocab_size <= have[0] <= full[0]:
+            raise UserError(f"{folder}: tensor {name} has shape {have}, the model {full} (vocabulary "
+                            f"rows may differ only within the padding){hint}")
     if stored:
-        raise UserError(f"{folder}: tensor {sorted(stored)[0]} is not part of the model"
-                        f"{_diff(source, target)}")
+        raise UserError(f"{folder}: tensor {sorted(stored)[0]} is not part of the model{hint}")
     for key in _HEAD_LAYOUT:
         if getattr(source.model, key) != getattr(target, key):
             raise UserError(f"{folder}: model.{key} is {getattr(source.model, key)!r}, the config's "
                             f"{getattr(target, key)!r}: the attention weights would be misread")
 
 
-def _diff(source: Config, target) -> str:
-    keys = [f"model.{k}: {getattr(source.model, k)!r} there, {v!r} here" for k, v in vars(target).items()
-            if k in ("num_layers", "hidden_size", "ffn_hidden_size", "vocab_size", "tie_word_embeddings",
-                     "position_embedding", *_HEAD_LAYOUT) and getattr(source.model, k) != v]
+def _differing_keys(source: Config, target) -> str:
+    keys = [f"model.{key}: {getattr(source.model, key)!r} there, {getattr(target, key)!r} here"
+            for key in _SHAPE_KEYS if getattr(source.model, key) != getattr(target, key)]
     return f" ({'; '.join(keys)})" if keys else ""
 
 
