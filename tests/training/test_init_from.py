@@ -29,7 +29,8 @@ def model_folder(corpus, folder, *overrides):
     cfg = tiny_config(corpus, folder, *overrides)
     model = GPT(cfg.model)
     init_weights(model, cfg.model, seed=5)
-    write_model_folder(folder, cfg, ((n, p.detach()[: cfg.model.vocab_size] if n in weights.VOCAB_PADDED else p.detach())
+    vocab = cfg.model.vocab_size  # model folders hold the real vocabulary rows only
+    write_model_folder(folder, cfg, ((n, p.detach()[:vocab] if n in weights.VOCAB_PADDED else p.detach())
                                      for n, p in model.named_parameters()))
     return folder
 
@@ -55,18 +56,13 @@ def test_anything_but_vocabulary_padding_is_an_error(corpus, tmp_path, source, t
 def test_a_bad_init_from_path_is_one_line(corpus, tmp_path, capsys):
     from starcoder.cli import main
 
+    sets = [f"--set={s}" for s in (*TINY, f"data.paths=[{corpus}]", f"train.output_dir={tmp_path / 'run'}")]
     (tmp_path / "empty").mkdir()
     for path in (tmp_path / "nowhere", tmp_path / "empty"):
-        code = main(["train", "--config", "tiny-sc2", *[a for s in tiny_config_sets(corpus, tmp_path / "run")
-                                                       for a in ("--set", s)],
-                     "--set", f"train.init_from={path}"])
+        code = main(["train", "--config", "tiny-sc2", *sets, f"--set=train.init_from={path}"])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
         assert err.startswith(f"error: train.init_from: {path}: "), err
-
-
-def tiny_config_sets(corpus, out):
-    return [*TINY, f"data.paths=[{corpus}]", f"train.output_dir={out}"]
 
 
 # --------------------------------------------------------------------------------------------
