@@ -149,11 +149,12 @@ def test_a_failed_conversion_keeps_the_good_output(hf_folder, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
-def test_a_re_export_replaces_the_whole_folder(native_folder, tmp_path):
+def test_a_re_export_replaces_the_whole_folder(native_folder, tmp_path, capsys):
     """Finding 2: a sharded export, then a single-file one into the same folder, must not leave
     the old index that readers follow."""
     out = tmp_path / "hf"
-    to_hf(native_folder, out, max_shard_size="64KiB", dtype=torch.float32)
+    to_hf(native_folder, out, max_shard_size="64KiB", dtype=torch.float32, progress=True)
+    assert "to-hf: 100%" in capsys.readouterr().err  # the bar counts every tensor
     assert (out / INDEX_NAME).is_file()
     to_hf(native_folder, out, dtype=torch.bfloat16)
     assert not (out / INDEX_NAME).exists()
