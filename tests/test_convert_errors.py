@@ -129,6 +129,10 @@ def test_bad_paths_and_options_are_one_line(native_folder, tmp_path, capsys):
     broken = copy(native_folder, tmp_path, "broken")
     (broken / "config.yaml").write_text("model: [1, 2\n")
     cases.append((["to-hf", "--checkpoint", str(broken), "--output", str(tmp_path / "o")], ["config.yaml"]))
+    lacking = copy(native_folder, tmp_path, "lacking")
+    rewrite_shard(lacking / "model.safetensors", lambda t: t.pop("blocks.1.attn.kv_proj.weight"))
+    cases.append((["to-hf", "--checkpoint", str(lacking), "--output", str(tmp_path / "o")],
+                  ["blocks.1.attn.kv_proj.weight is missing"]))
     for argv, words in cases:
         code, err = run_cli(capsys, "convert", *argv)
         assert_one_line(code, err, words)
