@@ -150,3 +150,26 @@ def test_conversion_streams_with_bounded_memory(tmp_path):
     original = dict(iter_safetensors(source))
     for name in ("model.layers.12.self_attn.k_proj.weight", "lm_head.weight"):
         assert torch.equal(back[name], original[name])
+
+
+def test_weight_io_imports_only_downward():
+    """convert/ (weight I/O) sits below the trainer and the public face: nothing in it imports
+    starcoder.api, starcoder.training or starcoder.cli, and only the top imports api."""
+    import ast
+    from pathlib import Path
+
+    root = Path(starcoder.__file__).parent
+
+    def imports(path):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                yield node.module
+            elif isinstance(node, ast.Import):
+                yield from (alias.name for alias in node.names)
+
+    for path in (root / "convert").glob("*.py"):
+        bad = [m for m in imports(path) if m.startswith(("starcoder.api", "starcoder.training", "starcoder.cli"))]
+        assert not bad, (path.name, bad)
+    for path in root.rglob("*.py"):
+        if path.parent not in (root, root / "cli"):  # the top: api.py, the package, the CLI
+            assert not [m for m in imports(path) if m == "starcoder.api"], path

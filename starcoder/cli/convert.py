@@ -8,6 +8,8 @@ import torch
 
 from starcoder.convert.export import from_hf, to_hf
 
+REPLACED = ("written aside and put in place whole once complete: replaces an earlier export, is "
+            "left as it was if the conversion fails")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -18,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                     "safetensors, config.json, tokenizer and generation config.")
     to.add_argument("--checkpoint", required=True, metavar="DIR",
                     help="a native model folder, a training run folder (follows `latest`) or a step folder")
-    to.add_argument("--output", required=True, metavar="DIR")
+    to.add_argument("--output", required=True, metavar="DIR", help=REPLACED)
     to.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="cast floating tensors (default: keep the stored dtype)")
     to.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
@@ -26,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          description="Read a GPTBigCode or Starcoder2 model folder (safetensors) and "
                                      "write a native model folder that load_model and train.init_from read.")
     frm.add_argument("--model", required=True, metavar="DIR", help="a local Hugging Face model folder")
-    frm.add_argument("--output", required=True, metavar="DIR")
+    frm.add_argument("--output", required=True, metavar="DIR", help=REPLACED)
     frm.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
 
 

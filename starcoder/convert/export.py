@@ -1,44 +1,66 @@
-"""Whole-folder conversions behind `starcoder convert to-hf` and `from-hf` (streaming)."""
+"""Whole-folder conversions behind `starcoder convert to-hf` and `from-hf` (streaming).
+
+The source is checked against its config before anything is written (`open_weights`), and the
+output is written into a temporary sibling folder that replaces `output` only once complete
+(`replacing_folder`): a failed conversion leaves nothing behind and an earlier good output intact,
+and a re-export leaves no file of the previous one.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from starcoder.convert.weights import config_from_hf_folder, iter_weights, resolve_folder
-from starcoder.convert.hf import hf_config, hf_to_native, native_to_hf
+from starcoder.config import Config, UserError
+from starcoder.convert.hf import hf_config, native_to_hf
 from starcoder.convert.native import copy_tokenizer_files, write_model_folder
-from starcoder.convert.sharded import DEFAULT_SHARD_SIZE, ShardedWriter, iter_safetensors
+from starcoder.convert.sharded import DEFAULT_SHARD_SIZE, ShardedWriter, parse_size, replacing_folder
+from starcoder.convert.weights import is_hf_folder, iter_weights, native_shapes, resolve_folder
 
 
 def to_hf(source: str | Path, output: str | Path, max_shard_size: int | str = DEFAULT_SHARD_SIZE,
-          dtype: torch.dtype | None = None) -> Path:
-    """Any readable folder -> a Hugging Face model folder (config.json, safetensors, tokenizer)."""
+          dtype: torch.dtype | None = None, progress: bool | None = None) -> Path:
+    """Any readable folder -> a Hugging Face model folder (config.json, safetensors, tokenizer).
+    `progress`: a tqdm bar over the tensors (None: when stderr is a terminal)."""
+    parse_size(max_shard_size)
     source, output = resolve_folder(source), Path(output)
-    cfg, tensors = iter_weights(source)
     seen_dtype = None
-    with ShardedWriter(output, max_shard_size) as writer:
-        for name, tensor in native_to_hf(cfg.model, tensors):
-            if dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(dtype)
-            seen_dtype = seen_dtype or tensor.dtype
-            writer.add(name, tensor)
-    config = hf_config(cfg.model, seen_dtype)
-    (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    _copy_extras(source, output, cfg.model.bos_token_id, cfg.model.eos_token_id)
+    with replacing_folder(output) as tmp:
+        cfg, tensors = iter_weights(source)
+        with ShardedWriter(tmp, max_shard_size) as writer:
+            for name, tensor in native_to_hf(cfg.model, _progress(tensors, cfg, "to-hf", progress)):
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                seen_dtype = seen_dtype or tensor.dtype
+                writer.add(name, tensor)
+        config = hf_config(cfg.model, seen_dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _copy_extras(source, tmp, cfg.model.bos_token_id, cfg.model.eos_token_id)
     return output
 
 
-def from_hf(source: str | Path, output: str | Path, max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
+def from_hf(source: str | Path, output: str | Path, max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+            progress: bool | None = None) -> Path:
     """A Hugging Face GPTBigCode/Starcoder2 folder -> a native model folder (dtype kept)."""
-    source, output = Path(source), Path(output)
-    cfg = config_from_hf_folder(source)
-    write_model_folder(output, cfg, hf_to_native(cfg.model, iter_safetensors(source)), max_shard_size)
-    _copy_extras(source, output)
+    parse_size(max_shard_size)
+    source, output = resolve_folder(source), Path(output)
+    if not is_hf_folder(source):
+        raise UserError(f"{source}: not a Hugging Face model folder (no config.json)")
+    with replacing_folder(output) as tmp:
+        cfg, tensors = iter_weights(source)
+        write_model_folder(tmp, cfg, _progress(tensors, cfg, "from-hf", progress), max_shard_size)
+        _copy_extras(source, tmp)
     return output
+
+
+def _progress(tensors, cfg: Config, desc: str, progress: bool | None):
+    show = sys.stderr.isatty() if progress is None else progress
+    return tqdm(tensors, total=len(native_shapes(cfg)), unit="tensor", desc=desc, disable=not show)
 
 
 def _copy_extras(source: Path, output: Path, bos: int | None = None, eos: int | None = None) -> None:

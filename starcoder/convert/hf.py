@@ -75,7 +75,7 @@ def rules(cfg: ModelConfig) -> list[Rule]:
 
 
 # HF checkpoints may carry these; they are buffers or tied copies, not weights to convert.
-def _ignored_hf(cfg: ModelConfig) -> re.Pattern:
+def ignored_hf(cfg: ModelConfig) -> re.Pattern:
     patterns = [r".*\.attn\.(bias|masked_bias)$", r".*rotary_emb\.inv_freq$"]
     if cfg.tie_word_embeddings:
         patterns.append(r"lm_head\.weight$")
@@ -123,6 +123,20 @@ def _kv_join(g: int, d: int):
     return join
 
 
+def native_origins(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], Callable | None, int]]:
+    """native name -> (the HF tensors it is made of, the function that makes the native tensors
+    from them (None: the identity), which of its outputs it is): what a reader of one slice of a
+    native tensor needs to know."""
+    origins = {}
+    for rule in rules(cfg):
+        layers = range(cfg.num_layers) if "{i}" in rule.native[0] else [None]
+        for layer in layers:
+            fill = (lambda t: t) if layer is None else (lambda t: t.replace("{i}", str(layer)))
+            for pos, native in enumerate(rule.native):
+                origins[fill(native)] = (tuple(map(fill, rule.hf)), rule.to_native, pos)
+    return origins
+
+
 # ---- streaming engine ------------------------------------------------------------------------
 
 def native_to_hf(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -130,7 +144,7 @@ def native_to_hf(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]) 
 
 
 def hf_to_native(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    return _convert(rules(cfg), tensors, direction="to_native", ignored=_ignored_hf(cfg))
+    return _convert(rules(cfg), tensors, direction="to_native", ignored=ignored_hf(cfg))
 
 
 def _convert(rule_list: list[Rule], tensors, direction: str, ignored: re.Pattern | None):

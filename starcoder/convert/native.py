@@ -36,7 +36,7 @@ def iter_model_folder(folder: Path) -> tuple[Config, Iterator[tuple[str, torch.T
 def write_model_folder(folder: Path, cfg: Config, tensors: Iterable[tuple[str, torch.Tensor]],
                        max_shard_size: int | str = DEFAULT_SHARD_SIZE,
                        tokenizer_from: Path | None = None) -> Path:
-    """`tensors`: full, unpadded tensors under native names (what `api.iter_weights` yields)."""
+    """`tensors`: full, unpadded tensors under native names (what `weights.iter_weights` yields)."""
     folder = Path(folder)
     with ShardedWriter(folder, max_shard_size) as writer:
         for name, tensor in tensors:

@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from starcoder.convert.weights import iter_weights, load_weights_into
-from starcoder.config import Config, ConfigError, accumulation_steps
+from starcoder.convert.weights import load_weights
+from starcoder.config import Config, ConfigError, UserError, accumulation_steps
 from starcoder.data import build_train_loader, build_valid_loader, load_tokenizer
 from starcoder.models.flops import model_flops_per_token
 from starcoder.models.gpt import GPT
@@ -161,8 +161,10 @@ class Trainer:
             log.info("resumed from %s (step %d, %d samples consumed)", resume, self.state.step,
                      self.state.consumed_samples)
         elif t.init_from:
-            _, tensors = iter_weights(t.init_from)
-            load_weights_into(self.model, tensors)
+            try:
+                load_weights(self.model, t.init_from, self.grid)
+            except UserError as err:
+                raise ConfigError(f"train.init_from: {err}") from None
             log.info("initialised weights from %s", t.init_from)
 
         self.ddp = self.model
