@@ -13,7 +13,7 @@ the safetensors headers instead, so loading reads tensors and JSON only and unpi
 A step folder is written as `.step_0000100.partial`, renamed when every rank has finished, and
 only then does `latest` move (write aside, then rename): a crash at any point leaves the previous
 checkpoint and `latest` intact. The last file written is `manifest.json` (every file's size and
-CRC-32, every tensor's global shape and dtype; each rank checksums its share of the shards).
+xxh3 checksum, every tensor's global shape and dtype; each rank checksums its share of the shards).
 
 Resuming (`find_resume`) verifies before it loads: rank 0 reads the manifest and the shard
 headers and broadcasts them, every rank checks the checksums of its share of the files, and a
