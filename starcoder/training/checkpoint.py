@@ -115,7 +115,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer,
             for key, meta in sorted(metadata.state_dict_metadata.items()) if hasattr(meta, "size")})
         _fsync_files(partial)
         if final.exists():  # left by an earlier run that never moved `latest` to it
-            set_aside(final, "a new save of the same step replaces it")
+            set_aside(final, "a new save of the same step replaces it", "replaced")
         os.replace(partial, final)
         _fault("before_latest", step)
         _write_atomic(root / LATEST, final.name + "\n")
@@ -132,10 +132,10 @@ def _fault(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def set_aside(folder: Path, why: str) -> Path:
+def set_aside(folder: Path, why: str, label: str = "corrupt") -> Path:
     """Rename a step folder out of the way (`step_0000100.corrupt`, `.corrupt2`, ...); never delete."""
     for n in range(1, 1000):
-        target = folder.with_name(f"{folder.name}.corrupt{n if n > 1 else ''}")
+        target = folder.with_name(f"{folder.name}.{label}{n if n > 1 else ''}")
         if not target.exists():
             break
     os.replace(folder, target)
