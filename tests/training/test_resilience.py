@@ -8,7 +8,6 @@ import shutil
 import signal
 
 import pytest
-import torch
 
 from starcoder.config import ConfigError
 from starcoder.convert.checkpoints import CheckpointError, latest_checkpoint, read_state
@@ -187,34 +186,3 @@ def test_resume_is_exact_with_loader_workers_fim_and_dropout(corpus, tmp_path):
     train(tiny_config(corpus, tmp_path / "run", *sets[:-1], "train.max_steps=2"))
     train(tiny_config(corpus, tmp_path / "run", *sets))
     assert losses(tmp_path / "run") == losses(tmp_path / "reference")  # bit for bit
-
-
-def _hidden_grad_of_first_micro_batch(corpus, out, global_batch):
-    """Mean |gradient| reaching the last MLP's fp16 output in the first micro-batch of one step."""
-    cfg = tiny_config(corpus, out, "train.precision=fp16", "train.initial_loss_scale=1024",
-                      "train.micro_batch_size=2",
-                      f"train.global_batch_size={global_batch}")
-    trainer = Trainer(cfg)
-    seen = []
-
-    def watch(module, args, output):
-        output.register_hook(lambda g: seen.append((g.dtype, g.float().abs().mean().item())))
-
-    handle = trainer.model.get_submodule("blocks.1.mlp.fc_out").register_forward_hook(watch)
-    from starcoder.data import build_train_loader
-
-    batches = build_train_loader(cfg, trainer.tokenizer, dp_rank=0, dp_size=1, consumed_samples=0)
-    trainer.train_step([next(batches) for _ in range(trainer.accum)], 1e-3)
-    handle.remove()
-    trainer.close()
-    return seen[0]
-
-
-def test_fp16_loss_scale_does_not_shrink_with_the_global_batch(corpus, tmp_path):
-    """Each micro-batch's backward is scaled by the loss scale alone, as Megatron does; dividing it
-    by the global token count made fp16 activation gradients 8x smaller at 8x the batch (and,
-    at StarCoder2-15B's 4M tokens, flushed 43% of them to zero)."""
-    small = _hidden_grad_of_first_micro_batch(corpus, tmp_path / "a", 2)
-    large = _hidden_grad_of_first_micro_batch(corpus, tmp_path / "b", 16)
-    assert small[0] == large[0] == torch.float16
-    assert large[1] == pytest.approx(small[1], rel=1e-3)
