@@ -178,7 +178,7 @@ def check_files(step_dir: Path, manifest: dict, names: list[str], checksums: boo
         if path.stat().st_size != want["size"]:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {want['size']}"
         if checksums and file_checksum(path) != want["xxh3"]:
-            return f"{name} does not match its checksum (flipped bytes)"
+            return f"{name} does not match its checksum (its bytes changed after it was written)"
     return None
 
 

@@ -167,23 +167,28 @@ def remove_partial(run_dir: str | Path) -> None:
 def verify(step_dir: Path, grid: Grid, checksums: bool = True):
     """(problem or None, the shard metadata) for one step folder, the same on every rank (all
     ranks call this). Rank 0 opens the manifest and the shard headers; each rank checks its
-    share of the files."""
-    manifest = metadata = problem = None
+    share of the files first."""
+    manifest = problem = None
     if grid.rank == 0:
         try:
             manifest = read_manifest(step_dir)
-            metadata = CheckpointReader(step_dir / DCP_DIR).read_metadata()
-            problem = check_tensors(manifest, metadata)
         except CheckpointError as err:
             problem = str(err).removeprefix(f"{step_dir}: ")
+    manifest, problem = _broadcast([manifest, problem])
+    if problem is not None:
+        return problem, None
+    names = sorted(manifest["files"])[grid.rank::grid.world_size]
+    problem = next((p for p in _all_gather(check_files(step_dir, manifest, names, checksums)) if p), None)
+    if problem is not None:
+        return problem, None
+    metadata = None
+    if grid.rank == 0:
+        try:
+            metadata = CheckpointReader(step_dir / DCP_DIR).read_metadata()
+            problem = check_tensors(manifest, metadata)
         except Exception as err:  # an unreadable shard header
             problem = f"cannot read the shard headers ({type(err).__name__}: {err})"
-    manifest, metadata, problem = _broadcast([manifest, metadata, problem])
-    if problem is None:
-        names = sorted(manifest["files"])[grid.rank::grid.world_size]
-        problems = _all_gather(check_files(step_dir, manifest, names, checksums))
-        problem = next((p for p in problems if p), None)
-    return problem, metadata
+    return tuple(_broadcast([problem, metadata]))
 
 
 def find_resume(run_dir: Path, grid: Grid, checksums: bool = True):

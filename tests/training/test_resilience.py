@@ -59,15 +59,17 @@ def _edit_header(path, old: bytes, new: bytes):
     path.write_bytes(data[:at] + new + data[at + len(new):])
 
 
-CORRUPTIONS = {
-    "shard data byte": lambda d: _flip(d / SHARD),
-    "shard header dtype F32 -> I32": lambda d: _edit_header(d / SHARD, b'"F32"', b'"I32"'),
-    "shard header offsets": lambda d: _edit_header(d / SHARD, b'"data_offsets":[0,', b'"data_offsets":[4,'),
-    "deleted shard": lambda d: (d / SHARD).unlink(),
-    "trainer_state.json": lambda d: _flip(d / "trainer_state.json"),
-    "config.yaml": lambda d: _flip(d / "config.yaml"),
-    "tokenizer.json": lambda d: _flip(d / "tokenizer.json"),
-    "manifest.json": lambda d: _flip(d / "manifest.json"),
+CORRUPTIONS = {  # kind -> (how, what the warning says)
+    "shard data byte": (lambda d: _flip(d / SHARD), f"{SHARD} does not match its checksum"),
+    "shard header dtype F32 -> I32": (lambda d: _edit_header(d / SHARD, b'"F32"', b'"I32"'),
+                                      f"{SHARD} does not match its checksum"),
+    "shard header offsets": (lambda d: _edit_header(d / SHARD, b'"data_offsets":[0,', b'"data_offsets":[4,'),
+                             f"{SHARD} does not match its checksum"),
+    "deleted shard": (lambda d: (d / SHARD).unlink(), f"{SHARD} is missing"),
+    "trainer_state.json": (lambda d: _flip(d / "trainer_state.json"), "trainer_state.json does not match"),
+    "config.yaml": (lambda d: _flip(d / "config.yaml"), "config.yaml does not match"),
+    "tokenizer.json": (lambda d: _flip(d / "tokenizer.json"), "tokenizer.json does not match"),
+    "manifest.json": (lambda d: _flip(d / "manifest.json"), "manifest.json: corrupt"),
 }
 
 
@@ -76,7 +78,8 @@ def test_a_corrupt_checkpoint_is_set_aside_and_the_run_resumes_from_the_previous
         corpus, two_checkpoints, tmp_path, caplog, kind):
     run = tmp_path / "run"
     shutil.copytree(two_checkpoints, run)
-    CORRUPTIONS[kind](run / "checkpoints/step_0000002")
+    corrupt_it, reason = CORRUPTIONS[kind]
+    corrupt_it(run / "checkpoints/step_0000002")
     corrupt = sorted(p.name for p in (run / "checkpoints/step_0000002").rglob("*"))
     with pytest.raises(CheckpointError, match="step_0000002"):  # readers refuse it
         dict(iter_weights(run / "checkpoints/step_0000002")[1])
@@ -89,11 +92,11 @@ def test_a_corrupt_checkpoint_is_set_aside_and_the_run_resumes_from_the_previous
     assert sorted(p.name for p in kept.rglob("*")) == corrupt  # set aside, nothing deleted
     assert not (run / "checkpoints/step_0000002").exists()
     assert (run / "checkpoints/latest").read_text().strip() == "step_0000001"
-    assert "set aside" in caplog.text and "step_0000002" in caplog.text
+    assert "set aside" in caplog.text and "step_0000002" in caplog.text and reason in caplog.text
 
 
 def test_without_checksums_flipped_data_loads_but_an_edited_header_does_not(
-        corpus, two_checkpoints, tmp_path):
+        corpus, two_checkpoints, tmp_path, caplog):
     run = tmp_path / "run"
     shutil.copytree(two_checkpoints, run)
     _flip(run / "checkpoints/step_0000002" / SHARD)
@@ -102,9 +105,11 @@ def test_without_checksums_flipped_data_loads_but_an_edited_header_does_not(
     trainer.close()
     assert trainer.state.step == 2  # the documented cost of the opt-out
     _edit_header(run / "checkpoints/step_0000002" / SHARD, b'"F32"', b'"I32"')
-    trainer = Trainer(tiny_config(corpus, run, *off))
+    with caplog.at_level(logging.WARNING, logger="starcoder.train"):
+        trainer = Trainer(tiny_config(corpus, run, *off))
     trainer.close()
     assert trainer.state.step == 1
+    assert "is torch.int32" in caplog.text and "torch.float32" in caplog.text
 
 
 def test_a_run_folder_whose_checkpoints_all_fail_stops_naming_it(corpus, two_checkpoints, tmp_path):
