@@ -22,6 +22,7 @@ setup(
         "safetensors>=0.4",
         "tokenizers>=0.19",
         "tqdm>=4.66",
+        "xxhash>=3",  # checkpoint checksums
     ],
     extras_require={
         "hf": ["transformers>=4.50"],

@@ -152,6 +152,7 @@ class TrainConfig:
     compile: bool = False
     save_every: int = 0  # 0: only at the end
     keep_last: Optional[int] = None  # prune older checkpoints; None keeps all
+    verify_checksums: bool = True  # on resume; costs one read of the checkpoint files
     output_dir: str = "runs/default"
     seed: int = 1234
     init_from: Optional[str] = None  # weights only: a native model folder, checkpoint or HF model

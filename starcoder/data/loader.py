@@ -107,7 +107,7 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-def _iterate(dataset: MicroBatches, order: Iterator[list[int]], workers: int) -> Iterator[dict]:
+def _iterate(dataset: MicroBatches, order: Iterator[list[int]], workers: int, seed: int) -> Iterator[dict]:
     if workers == 0 or dataset.fim is None:
         # Without FIM a micro-batch is one C++ copy: faster in-process than any worker hand-off.
         for positions in order:
@@ -115,7 +115,10 @@ def _iterate(dataset: MicroBatches, order: Iterator[list[int]], workers: int) ->
         return
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=order, num_workers=workers,
                                          collate_fn=_identity, worker_init_fn=_worker_init,
-                                         prefetch_factor=4)
+                                         prefetch_factor=4,
+                                         # Its own generator: drawing the workers' base seed from
+                                         # the global one would shift dropout after a resume.
+                                         generator=torch.Generator().manual_seed(seed))
     yield from loader
 
 
@@ -191,7 +194,7 @@ def build_train_loader(cfg: Config, tokenizer: Tokenizer, *, dp_rank: int, dp_si
     if dataset is None:
         raise ConfigError(f"data.split: {cfg.data.split!r} leaves no training documents")
     order = pretraining_order(consumed_samples, None, t.micro_batch_size, dp_rank, dp_size)
-    return _iterate(dataset, order, cfg.data.num_workers)
+    return _iterate(dataset, order, cfg.data.num_workers, cfg.train.seed)
 
 
 def build_valid_loader(cfg: Config, tokenizer: Tokenizer, *, dp_rank: int, dp_size: int
@@ -203,4 +206,4 @@ def build_valid_loader(cfg: Config, tokenizer: Tokenizer, *, dp_rank: int, dp_si
     if dataset is None:
         return None
     order = pretraining_order(0, num_samples, t.micro_batch_size, dp_rank, dp_size)
-    return _iterate(dataset, order, cfg.data.num_workers)
+    return _iterate(dataset, order, cfg.data.num_workers, cfg.train.seed)

@@ -12,7 +12,13 @@ the safetensors headers instead, so loading reads tensors and JSON only and unpi
 
 A step folder is written as `.step_0000100.partial`, renamed when every rank has finished, and
 only then does `latest` move (write aside, then rename): a crash at any point leaves the previous
-checkpoint and `latest` intact.
+checkpoint and `latest` intact. The last file written is `manifest.json` (every file's size and
+xxh3 checksum, every tensor's global shape and dtype; each rank checksums its share of the shards).
+
+Resuming (`find_resume`) verifies before it loads: rank 0 reads the manifest and the shard
+headers and broadcasts them, every rank checks the checksums of its share of the files, and a
+checkpoint that fails is renamed `step_NNNNNNN.corrupt` (set aside, not deleted) while the run
+goes on from the newest one that verifies; `latest` is moved onto it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import torch
@@ -31,9 +38,11 @@ from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
 from starcoder.config import Config, ConfigError
 from starcoder.convert.checkpoints import (CONFIG_FILE, DCP_DIR, LATEST, STATE_FILE, STEP_RE,
-                                           VOCAB_PADDED, CheckpointReader, checkpoints_dir,
-                                           dcp_load, quiet_single_process, read_config,
-                                           read_state, step_name)
+                                           VOCAB_PADDED, CheckpointError,
+                                           CheckpointReader, check_files, check_tensors,
+                                           checkpoints_dir, dcp_load, describe_file,
+                                           quiet_single_process, read_config, read_manifest,
+                                           read_state, step_folders, step_name, write_manifest)
 from starcoder.parallel import Grid, to_dtensor
 from starcoder.training.optimizer import optimizer_state
 
@@ -89,22 +98,49 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer,
     tensors = {**model_tensors(model, grid), **optimizer_tensors(optimizer, model, grid),
                **rng_tensors(grid, device)}
     with quiet_single_process():
-        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(partial / DCP_DIR),
-                                                                  save_distributed=True))
-    # dcp.save returns on rank 0 only after every rank's files are written.
+        metadata = dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(
+            str(partial / DCP_DIR), save_distributed=True))
+    # dcp.save returns only after every rank's files are written, with the global metadata.
+    _fault("after_shard", step)
+    shards = sorted(f"{DCP_DIR}/{p.name}" for p in (partial / DCP_DIR).iterdir())
+    files = _gather({name: describe_file(partial / name) for name in shards[grid.rank::grid.world_size]})
     if grid.rank == 0:
         (partial / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
         (partial / CONFIG_FILE).write_text(cfg.to_yaml())
         tokenizer.save(partial)
+        _fault("before_manifest", step)
+        files.update({p.name: describe_file(p) for p in sorted(partial.iterdir()) if p.is_file()})
+        write_manifest(partial, files, {
+            key: {"shape": list(meta.size), "dtype": str(meta.properties.dtype)}
+            for key, meta in sorted(metadata.state_dict_metadata.items()) if hasattr(meta, "size")})
         _fsync_files(partial)
         if final.exists():  # left by an earlier run that never moved `latest` to it
-            shutil.rmtree(final)
+            set_aside(final, "a new save of the same step replaces it", "replaced")
         os.replace(partial, final)
+        _fault("before_latest", step)
         _write_atomic(root / LATEST, final.name + "\n")
         if keep_last:
             prune(root, keep_last, newest=step)
     _barrier()
     return final
+
+
+def _fault(point: str, step: int) -> None:
+    """Test-only fault injection: STARCODER_FAULT=<point>:<step> SIGKILLs this process at that
+    point of that step's save (after_shard, before_manifest, before_latest)."""
+    if os.environ.get("STARCODER_FAULT") == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def set_aside(folder: Path, why: str, label: str = "corrupt") -> Path:
+    """Rename a step folder out of the way (`step_0000100.corrupt`, `.corrupt2`, ...); never delete."""
+    for n in range(1, 1000):
+        target = folder.with_name(f"{folder.name}.{label}{n if n > 1 else ''}")
+        if not target.exists():
+            break
+    os.replace(folder, target)
+    log.warning("set aside %s as %s: %s", folder, target.name, why)
+    return target
 
 
 def prune(root: Path, keep_last: int, newest: int) -> None:
@@ -125,15 +161,83 @@ def remove_partial(run_dir: str | Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Verify
+
+
+def verify(step_dir: Path, grid: Grid, checksums: bool = True):
+    """(problem or None, the shard metadata) for one step folder, the same on every rank (all
+    ranks call this). Rank 0 opens the manifest and the shard headers; each rank checks its
+    share of the files first."""
+    manifest = problem = None
+    if grid.rank == 0:
+        try:
+            manifest = read_manifest(step_dir)
+        except CheckpointError as err:
+            problem = str(err).removeprefix(f"{step_dir}: ")
+    manifest, problem = _broadcast([manifest, problem])
+    if problem is not None:
+        return problem, None
+    names = sorted(manifest["files"])[grid.rank::grid.world_size]
+    problem = next((p for p in _all_gather(check_files(step_dir, manifest, names, checksums)) if p), None)
+    if problem is not None:
+        return problem, None
+    metadata = None
+    if grid.rank == 0:
+        try:
+            metadata = CheckpointReader(step_dir / DCP_DIR).read_metadata()
+            problem = check_tensors(manifest, metadata)
+        except Exception as err:  # an unreadable shard header
+            problem = f"cannot read the shard headers ({type(err).__name__}: {err})"
+    return tuple(_broadcast([problem, metadata]))
+
+
+def find_resume(run_dir: Path, grid: Grid, checksums: bool = True):
+    """(step folder, its shard metadata) to resume from, or (None, None) for a fresh run (all
+    ranks call this). `latest` first, then the other step folders newest first; those that fail
+    verification are set aside; `latest` is moved onto the one chosen. A run folder that holds
+    checkpoints none of which verifies is an error naming it."""
+    root = checkpoints_dir(run_dir)
+    candidates = None
+    if grid.rank == 0:
+        named = _latest_name(root)
+        folders = step_folders(run_dir)
+        candidates = sorted(folders, key=lambda p: p.name != named)  # stable: newest first after it
+    for step_dir in _broadcast([candidates])[0]:
+        problem, metadata = verify(step_dir, grid, checksums)
+        if problem is None:
+            if grid.rank == 0 and _latest_name(root) != step_dir.name:
+                log.warning("resuming from %s, the newest checkpoint that verifies; `latest` "
+                            "now names it", step_dir)
+                _write_atomic(root / LATEST, step_dir.name + "\n")
+            return step_dir, metadata
+        if grid.rank == 0:
+            set_aside(step_dir, problem)
+        _barrier()
+    error = None
+    if grid.rank == 0 and root.is_dir() and any(p.name.startswith("step_") for p in root.iterdir()):
+        error = (f"{root}: holds checkpoints but none verifies (they are set aside as "
+                 "step_*.corrupt); move them away to start this run from scratch")
+    if (error := _broadcast([error])[0]) is not None:
+        raise CheckpointError(error)
+    return None, None
+
+
+def _latest_name(root: Path) -> str | None:
+    pointer = root / LATEST
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+# --------------------------------------------------------------------------------------------
 # Load
 
 
 def load_checkpoint(step_dir: Path, model: nn.Module, optimizer, grid: Grid,
-                    device: torch.device, cfg: Config) -> dict:
-    """Load model, optimizer and (same world size only) RNG states in place; return the JSON state."""
+                    device: torch.device, cfg: Config, metadata=None) -> dict:
+    """Load model, optimizer and (same world size only) RNG states in place; return the JSON
+    state. `metadata`: the shard metadata from `verify`, so no rank opens the headers again."""
     step_dir = Path(step_dir)
     state = read_state(step_dir)
-    reader = CheckpointReader(step_dir / DCP_DIR)
+    reader = CheckpointReader(step_dir / DCP_DIR, metadata)
     repadded = _check_shapes(model, reader.read_metadata(), read_config(step_dir), cfg, step_dir)
     tensors = {**model_tensors(model, grid), **optimizer_tensors(optimizer, model, grid)}
     stored = reader.read_metadata().state_dict_metadata
@@ -203,21 +307,73 @@ def _check_shapes(model: nn.Module, metadata, saved: Config, cfg: Config, step_d
     if {n: s for n, s in stored.items() if n not in repadded} == \
             {n: s for n, s in wanted.items() if n not in repadded}:
         return repadded
-    for key, value in vars(cfg.model).items():
-        if getattr(saved.model, key) != value:
-            raise ConfigError(f"model.{key}: the checkpoint {step_dir} has "
-                              f"{getattr(saved.model, key)!r}, the config {value!r}")
+    changed = [f"model.{k}: the checkpoint {step_dir} has {getattr(saved.model, k)!r}, the config "
+               f"{v!r}" for k, v in vars(cfg.model).items()
+               if getattr(saved.model, k) != v and k not in SHAPELESS and f"model.{k}" not in MAY_CHANGE]
+    if changed:
+        raise ConfigError("; ".join(changed))
     diff = sorted(set(stored.items()) ^ set(wanted.items()))
     raise ConfigError(f"model: the checkpoint {step_dir} does not fit this model ({diff[0][0]})")
+
+
+# Model keys that never change a tensor's shape.
+SHAPELESS = ("kernels", "recompute", "attention_dropout", "hidden_dropout", "embedding_dropout",
+             "init_method_std", "make_vocab_size_divisible_by", "activation", "layernorm_epsilon",
+             "bos_token_id", "eos_token_id")
+
+# Keys a resumed run may change with a warning: the model keeps its shape, but what it learns or
+# the data it sees changes (see docs/training.md for which of them reshuffle the data order).
+MAY_CHANGE = ("train.seq_length", "train.global_batch_size", "train.seed", "data.paths",
+              "data.split", "model.rope_theta", "model.sliding_window")
+
+
+def warn_changed_settings(saved: Config, cfg: Config, step_dir: Path) -> list[str]:
+    """Log one warning listing every `MAY_CHANGE` key that differs from the checkpoint's config;
+    return those keys. (Parallel layout and micro-batch size change silently: resharding is a
+    feature; every other training key, e.g. lr or max_steps, is the user's to change.)"""
+    def value(c: Config, key: str):
+        section, name = key.split(".")
+        return getattr(getattr(c, section), name)
+
+    changed = [k for k in MAY_CHANGE if value(saved, k) != value(cfg, k)]
+    if changed:
+        log.warning("resuming %s with changed settings: %s", step_dir, "; ".join(
+            f"{k} {value(saved, k)!r} -> {value(cfg, k)!r}" for k in changed))
+    return changed
 
 
 # --------------------------------------------------------------------------------------------
 # Helpers
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.barrier()
+
+
+def _broadcast(objects: list) -> list:
+    """Rank 0's `objects` on every rank (pickled in memory by torch.distributed; nothing read
+    from a file is unpickled)."""
+    if _distributed():
+        dist.broadcast_object_list(objects, src=0)
+    return objects
+
+
+def _all_gather(obj) -> list:
+    if not _distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _gather(part: dict) -> dict:
+    """Every rank's dict merged (on every rank)."""
+    return {k: v for d in _all_gather(part) for k, v in d.items()}
 
 
 def _write_atomic(path: Path, text: str) -> None:

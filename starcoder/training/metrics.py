@@ -75,8 +75,8 @@ def peak_memory_gib(device: torch.device) -> float:
 class MetricsLogger:
     """Writes records on rank 0 (`enabled`); every other rank gets a logger that does nothing.
 
-    On resume, records after the resumed step are dropped from `metrics.jsonl`, so the file reads
-    as one uninterrupted run.
+    On resume, records after the resumed step move from `metrics.jsonl` to the end of
+    `metrics.superseded.jsonl`, so the first reads as one uninterrupted run and nothing is lost.
     """
 
     def __init__(self, cfg: Config, run_dir: Path, enabled: bool, start_step: int):
@@ -163,7 +163,12 @@ def _num(value, fmt: str) -> str:
 def _truncate_after(path: Path, step: int) -> None:
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if _step_of(line) <= step]
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if _step_of(line) <= step]
+    if len(keep) == len(lines):
+        return
+    with open(path.with_name("metrics.superseded.jsonl"), "a") as f:
+        f.writelines(line + "\n" for line in lines if _step_of(line) > step)
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)

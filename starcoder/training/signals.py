@@ -1,6 +1,11 @@
-"""Stopping on SLURM's preemption signals: SIGTERM and SIGUSR1 only set a flag; at every step
-boundary all ranks all-reduce it (MAX), so a signal that reached any rank stops every rank at the
-same step, where the trainer saves a checkpoint and exits 0.
+"""Stopping on signals: SIGTERM and SIGUSR1 (SLURM's preemption), SIGINT (Ctrl-C) and SIGHUP (an
+SSH drop) only set a flag; at every step boundary all ranks all-reduce it (MAX), so a signal that
+reached any rank stops every rank at the same step, where the trainer saves a checkpoint and
+exits 0.
+
+Signals that arrive during a save (`with stop.deferred():`) are only recorded, so nothing can
+interrupt a checkpoint before it has committed. A second SIGINT outside a save is the user who
+does not want to wait: the process exits at once (status 130), without a save.
 
 How the signal reaches the ranks (srun, torchrun's --signals-to-handle, the save window) is in
 docs/training.md.
@@ -8,9 +13,11 @@ docs/training.md.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
 
 class StopRequest:
@@ -18,6 +25,7 @@ class StopRequest:
 
     def __init__(self):
         self.signum = 0
+        self.saving = False
         self._previous = {}
 
     def __enter__(self) -> "StopRequest":
@@ -30,7 +38,20 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
-        self.signum = signum  # async-signal context: record only, act at the step boundary
+        # Record only, act at the step boundary; except a repeated Ctrl-C outside a save.
+        if signum == signal.SIGINT and self.signum == signal.SIGINT and not self.saving:
+            os.write(2, b"second SIGINT: exiting now, without a checkpoint\n")
+            os._exit(128 + signal.SIGINT)
+        self.signum = self.signum or signum
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Within this block every signal only waits for the step boundary."""
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
 
     def agreed(self, device) -> int:
         """The signal number any rank received (0 if none), the same on every rank."""

@@ -124,3 +124,73 @@ def test_srun_tasks_take_their_rank_from_slurm(monkeypatch):
     env["RANK"] = "3"  # torchrun's variables win over SLURM's (torchrun inside an srun step)
     env["WORLD_SIZE"] = "4"
     assert world_from_environment() == 4
+
+
+def _wait_for_steps(run, procs, n):
+    deadline = time.monotonic() + 120
+    while not ((run / "metrics.jsonl").is_file() and len(metrics(run)) >= n):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+            [p.communicate()[0] for p in procs if p.poll() is not None]
+        time.sleep(0.05)
+
+
+def test_ctrl_c_saves_and_exits_0_without_a_traceback(corpus, tmp_path):
+    run = tmp_path / "run"
+    proc = starcoder_train(tiny_args(corpus, run, "train.max_steps=100000"))
+    try:
+        _wait_for_steps(run, [proc], 2)
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in out, out
+    marker = json.loads((run / "stop.json").read_text())
+    assert (marker["reason"], marker["signal"]) == ("signal", "SIGINT")
+    assert read_state(latest_checkpoint(run))["train_state"]["step"] == marker["step"]
+
+
+def test_a_second_ctrl_c_outside_a_save_exits_at_once(corpus, tmp_path):
+    args = tiny_args(corpus, tmp_path / "run", "train.max_steps=100000", "train.save_every=2")
+    impatient = textwrap.dedent(f"""
+        import os, signal, sys
+        from starcoder.training import trainer
+        real = trainer.Trainer.train_step
+        def train_step(self, micro_batches, lr):
+            if self.state.step == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+            return real(self, micro_batches, lr)
+        trainer.Trainer.train_step = train_step
+        from starcoder.cli import main
+        sys.exit(main(["train"] + {args!r}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", impatient], env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 130, proc.stdout + proc.stderr
+    assert "second SIGINT: exiting now, without a checkpoint" in proc.stderr
+    assert latest_checkpoint(tmp_path / "run").name == "step_0000002"  # no save at step 3 or 4
+    assert not (tmp_path / "run/stop.json").exists()  # a restart decision sees no clean stop
+
+
+def test_torchrun_forwards_sigusr1_when_told_and_the_stop_marker_says_what_happened(corpus, tmp_path):
+    """The supported torchrun set-up (docs/training.md): --signals-to-handle with the signals the
+    trainer stops on and a shutdown timeout longer than a save. torchrun's own exit code is not
+    the verdict (it exits non-zero after forwarding a signal); `stop.json` is."""
+    run = tmp_path / "run"
+    args = tiny_args(corpus, run, "train.max_steps=100000", "train.micro_batch_size=2")
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", str(free_port()), "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGUSR1",
+         "--shutdown-timeout", "120", "-m", "starcoder", "train", *args],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_steps(run, [agent], 3)
+        agent.send_signal(signal.SIGUSR1)
+        out = agent.communicate(timeout=180)[0]
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    marker = json.loads((run / "stop.json").read_text())
+    assert (marker["reason"], marker["signal"]) == ("signal", "SIGUSR1"), out
+    assert read_state(latest_checkpoint(run))["train_state"]["step"] == marker["step"] >= 3
+    assert f"received SIGUSR1: stopping at step {marker['step']}" in out

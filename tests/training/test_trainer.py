@@ -41,7 +41,7 @@ def test_loss_falls_and_the_run_writes_its_outputs(corpus, tmp_path):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     step_dir = latest_checkpoint(run)
     assert step_dir.name == "step_0000016"
-    assert {p.name for p in step_dir.iterdir()} == {"config.yaml", "trainer_state.json",
+    assert {p.name for p in step_dir.iterdir()} == {"config.yaml", "trainer_state.json", "manifest.json",
                                                     "tokenizer.json", "dcp"}
     assert {p.name for p in (run / "checkpoints").iterdir()} == {"latest", "step_0000008",
                                                                  "step_0000016"}
