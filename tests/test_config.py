@@ -64,7 +64,10 @@ BAD = [
     (["train.precision=fp8"], "train.precision: 'fp8' is not one of auto | fp32 | bf16 | fp16"),
     (["data.fim_rate=2"], "data.fim_rate: must be in [0, 1], got 2.0"),
     (["data.split=a,b"], "data.split: expected numbers"),
-    (["data.paths=['-1 x']"], "data.paths[0].weight: must be positive"),
+    (["data.paths=['-1 x']"], "data.paths[0].weight: must be a positive finite number"),
+    (["data.paths=[{path: x, weight: .inf}]"], "data.paths[0].weight: must be a positive finite number, got inf"),
+    (["data.paths=['nan x']"], "data.paths[0].weight: must be a positive finite number, got nan"),
+    (["model.hidden_size=[64"], "--set model.hidden_size=[64: the value is not valid YAML (line 1"),
     (["log.every=0"], "log.every: must be at least 1, got 0"),
     (["train.lr"], "--set 'train.lr': expected section.key=value"),
 ]

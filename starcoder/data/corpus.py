@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
 
+from starcoder.config import UserError
+
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 COMPRESSED = (".gz", ".zst", ".zstd")
 
@@ -39,13 +41,13 @@ def list_input_files(inputs: Union[str, Path, Iterable[Union[str, Path]]]) -> li
             files.extend(found)
         elif path.is_file():
             if not is_input_file(path):
-                raise ValueError(f"{path}: unsupported input (expected .jsonl, .json, .ndjson, "
+                raise UserError(f"{path}: unsupported input (expected .jsonl, .json, .ndjson, "
                                  "optionally .gz/.zst, or .parquet)")
             files.append(path)
         else:
             raise FileNotFoundError(f"{path}: no such input file or folder")
     if not files:
-        raise ValueError("no input files given")
+        raise UserError("no input files given")
     return files
 
 
@@ -82,7 +84,7 @@ def _open_lines(path: Path, raw_file) -> io.BufferedIOBase:
         try:
             import zstandard
         except ImportError as err:
-            raise ImportError(f"{path}: reading .zst needs `pip install zstandard`") from err
+            raise UserError(f"{path}: reading .zst needs `pip install zstandard`") from err
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw_file), 1 << 20)
     return raw_file
 
@@ -108,7 +110,7 @@ def _parquet_records(fi: int, path: Path, columns: list[str], counter: ByteCount
     try:
         import pyarrow.parquet as pq
     except ImportError as err:
-        raise ImportError(f"{path}: reading Parquet needs `pip install pyarrow`") from err
+        raise UserError(f"{path}: reading Parquet needs `pip install pyarrow`") from err
     with open(path, "rb") as raw_file:
         counter.track(raw_file)
         pf = pq.ParquetFile(raw_file)

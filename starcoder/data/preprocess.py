@@ -95,7 +95,7 @@ def preprocess_corpus(inputs: Union[str, Path, Iterable], tokenizer_spec: str, o
     files = list_input_files(inputs)
     tokenizer = load_tokenizer(tokenizer_spec)
     if escape_special_tokens and not hasattr(tokenizer, "escaping_backend"):
-        raise ValueError(f"--escape-special-tokens: not supported for {tokenizer.name}")
+        raise UserError(f"--escape-special-tokens: not supported for {tokenizer.name}")
     opts = FormatOptions(fmt=fmt, json_key=json_key, repo_key=repo_key, path_key=path_key,
                          stars_key=stars_key, meta_prob=meta_prob, seed=seed)
     formatter = Formatter(opts, tokenizer)
