@@ -16,7 +16,7 @@ import pytest
 
 from starcoder.cli import main
 from starcoder.data.indexed import HEADER
-from tests.data.conftest import write_jsonl
+from tests.data.conftest import small_tokenizer, write_jsonl
 from tests.training.helpers import TINY, make_corpus
 
 
@@ -24,7 +24,7 @@ from tests.training.helpers import TINY, make_corpus
 def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mistakes")
     corpus = make_corpus(root / "corpus", files=4)
-    f = {"root": root, "corpus": Path(corpus)}
+    f = {"root": root, "corpus": Path(corpus), "small": small_tokenizer(root / "small-tokenizer.json")}
     (root / "not-yaml.yaml").write_text("model:\n  hidden_size: [64\n")
     (root / "latin1.yaml").write_bytes("# caf\xe9\nmodel: {}\n".encode("latin-1"))
     (root / "not-a-tokenizer.json").write_text('{"hello": "world"}\n')
@@ -73,6 +73,8 @@ MISTAKES = {
         (["TRAIN", "data.paths=[{uint8}]"], "corpus.idx: token dtype uint8 is not supported"),
     "train: a garbage .idx body":
         (["TRAIN", "data.paths=[{garbage}]"], "corpus.idx: corrupt index"),
+    "train: data made with another tokenizer (FIM on, as in the preset)":
+        (["TRAIN", "data.tokenizer={small}"], "corpus was tokenised with builtin:tiny (vocabulary 8192"),
     "train: an inf blend weight":
         (["TRAIN", "data.paths=[{{path: {corpus}, weight: .inf}}]"],
          "data.paths[0].weight: must be a positive finite number, got inf"),

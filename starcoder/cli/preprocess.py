@@ -18,7 +18,9 @@ formats:
 
 Output: PREFIX.bin and PREFIX.idx (megatron-core's mmap format, uint16 tokens when the vocabulary
 fits) and PREFIX.json (this report). Random draws are seeded per document, so the files are
-byte-identical for any --workers. Bad lines are counted and reported, never fatal.
+byte-identical for any --workers. Bad records and damaged files are counted and reported;
+a run that would write no document writes nothing and exits 2 with the reason (e.g. "use
+--json-key text"). Documents of any length are tokenised in bounded memory.
 
 example:
   starcoder preprocess --input data/the-stack-python/ --tokenizer path/to/tokenizer.json \\
