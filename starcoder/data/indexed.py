@@ -108,13 +108,13 @@ def remove_stale_temporaries(prefix: str) -> list[str]:
     removed = []
     for path in glob.glob(glob.escape(prefix) + ".*.tmp-*"):
         pid = path.rsplit("-", 1)[1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_running(int(pid)):
             os.remove(path)
             removed.append(path)
     return removed
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -33,7 +33,7 @@ from starcoder.config import UserError
 from starcoder.data.corpus import (BadRecord, ByteCounter, Record, iter_records, list_input_files,
                                    parse, snippet, text_field)
 from starcoder.data.formats import Document, FormatOptions, Formatter
-from starcoder.data.indexed import IndexedWriter, token_dtype
+from starcoder.data.indexed import IndexedWriter, process_running, token_dtype
 from starcoder.data.tokenizer import PIECE_CHARS, Tokenizer, load_tokenizer
 
 MAX_EXAMPLES = 5  # bad-record examples kept per reason
@@ -110,9 +110,10 @@ def preprocess_corpus(inputs: Union[str, Path, Iterable], tokenizer_spec: str, o
     start = time.perf_counter()
     files = list_input_files(inputs)
     tokenizer = load_tokenizer(tokenizer_spec)
+    read = {f.resolve() for f in files} | {Path(tokenizer.path).resolve()}
     for ext in (".bin", ".idx", ".json"):  # e.g. --output-prefix x/tokenizer beside tokenizer.json
         out = Path(f"{output_prefix}{ext}").resolve()
-        if out in {f.resolve() for f in files} or out == Path(getattr(tokenizer, "path", "")).resolve():
+        if out in read:
             raise UserError(f"--output-prefix {output_prefix}: {out} is an input of this run; "
                             "choose another prefix")
     remove_stale_groupings(Path(output_prefix).parent)
@@ -163,18 +164,8 @@ def remove_stale_groupings(folder: Path) -> None:
     """The sc2-repo partitions (`.groupby-PID-*`) of a killed run in the output folder."""
     for path in glob.glob(os.path.join(glob.escape(str(folder)), ".groupby-*-*")):
         pid = os.path.basename(path).split("-")[1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_running(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _progress(total_bytes: int, enabled: Optional[bool]):
@@ -251,12 +242,12 @@ class _Reader:
     def documents(self) -> Iterator[Document]:
         if self.opts.fmt == "sc2-repo":
             yield from self._repositories()
-        else:
-            for record, obj, content in self.records():
-                if self.opts.fmt == "plain":
-                    yield (content,)
-                else:  # keyed on the record's position in the input: independent of workers
-                    yield self.fmt.sc1_meta(content, obj, self.report.records - 1)
+            return
+        for record, obj, content in self.records():
+            if self.opts.fmt == "plain":
+                yield (content,)
+            else:  # keyed on the record's position in the input: independent of workers
+                yield self.fmt.sc1_meta(content, obj, self.report.records - 1)
 
     def why_nothing(self) -> str:
         """One line: why no document was written."""

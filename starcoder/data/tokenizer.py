@@ -58,6 +58,7 @@ class Tokenizer:
     """
 
     name: str
+    path: Path  # the file it was read from
     vocab_size: int
 
     def encode(self, text: str) -> list[int]:
@@ -84,7 +85,7 @@ class Tokenizer:
     def fingerprint(self) -> str:
         """A hash of the vocabulary (every token string with its id): equal for the same
         tokenizer however its file is formatted, different when any id means another token."""
-        return hashlib.sha256("\n".join(self.tokens_by_id()).encode("utf-8", "surrogatepass")).hexdigest()
+        return hashlib.sha256(json.dumps(self.tokens_by_id()).encode()).hexdigest()
 
     def token_to_id(self, token: str) -> Optional[int]:
         raise NotImplementedError
