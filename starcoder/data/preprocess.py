@@ -52,6 +52,7 @@ class PreprocessReport:
     files: list = field(default_factory=list)
     corrupt_files: dict = field(default_factory=dict)  # path -> reason; read up to the damage
     empty_files: list = field(default_factory=list)
+    unusable_files: list = field(default_factory=list)  # "path: why", files that gave no document
     dtype: str = ""
     records: int = 0  # non-blank lines / rows read
     documents: int = 0  # documents written
@@ -89,6 +90,7 @@ class PreprocessReport:
         lines += [f"    {e}" for e in self.bad_examples]
         lines += [f"corrupt file {path}: {reason}" for path, reason in self.corrupt_files.items()]
         lines += [f"empty file {path}" for path in self.empty_files]
+        lines += [f"warning: {line}" for line in self.unusable_files]
         if self.special_token_strings:
             how = "escaped as plain text" if self.escaped_special_tokens else \
                 "encoded as special tokens (use --escape-special-tokens to keep them as text)"
@@ -206,11 +208,12 @@ class _Reader:
 
     def records(self) -> Iterator[tuple[Record, dict, str]]:
         """(record, parsed object, content) for every usable record; counts the rest."""
-        key, last_file = self.opts.json_key, -1
+        key, last_file, usable, missing = self.opts.json_key, -1, 0, 0
         for record in iter_records(self.files, self.opts.columns(), self.counter, self.corrupt):
             if record.file != last_file:
+                self._note_unusable(last_file, usable, missing)
                 self._note_empty(last_file + 1, record.file)
-                last_file = record.file
+                last_file, usable, missing = record.file, 0, self.missing_content
             self.report.records += 1
             try:
                 obj = parse(record)
@@ -223,8 +226,27 @@ class _Reader:
             if not content:
                 self.report.empty_documents += 1
                 continue
+            usable += 1
             yield record, obj, content
+        self._note_unusable(last_file, usable, missing)
         self._note_empty(last_file + 1, len(self.files))
+
+    def _note_unusable(self, file: int, usable: int, missing_before: int) -> None:
+        """A file that had records but none usable (e.g. `{"text": ...}` under the default
+        --json-key content) is warned about by name, with the hint, even when others were fine."""
+        if file < 0 or usable:
+            return
+        line = f"{self.files[file]}: no usable record"
+        if self.missing_content > missing_before:
+            line += f" ({self._missing_hint(self.missing_content - missing_before)})"
+        self.report.unusable_files.append(line)
+        log.warning("%s", line)
+
+    def _missing_hint(self, count: int) -> str:
+        fields = ", ".join(k for k, _ in self.fields_seen.most_common(8))
+        hint = f" (use --json-key {self.text_fields.most_common(1)[0][0]})" if self.text_fields else ""
+        return (f"{count:,} records have no key '{self.opts.json_key}'" +
+                (f"; their keys: {fields}{hint}" if fields else ""))
 
     def _missing_content(self, obj: dict) -> None:
         self.missing_content += 1
@@ -253,10 +275,7 @@ class _Reader:
         """One line: why no document was written."""
         r, key, causes = self.report, self.opts.json_key, []
         if self.missing_content:
-            fields = ", ".join(k for k, _ in self.fields_seen.most_common(8))
-            hint = f" (use --json-key {self.text_fields.most_common(1)[0][0]})" if self.text_fields else ""
-            causes.append(f"{self.missing_content:,} records have no key '{key}'" +
-                          (f"; their keys: {fields}{hint}" if fields else ""))
+            causes.append(self._missing_hint(self.missing_content))
         for reason, count in sorted(r.bad_records.items()):
             count -= self.missing_content if reason == "missing key" else 0
             if count:

@@ -190,3 +190,15 @@ def test_a_huge_line_gives_the_ids_of_whole_document_encoding(spec, tmp_path):
         assert data[1].tolist() == tok.encode("x = 1\n") + [tok.eod_id]
         del data
     os.environ.pop("TOKENIZERS_PARALLELISM", None)
+
+
+def test_a_file_with_another_key_is_named_even_when_others_are_fine(tmp_path, caplog):
+    # Before: the {"text": ...} file was dropped with exit 0 and only a count in the report.
+    write_jsonl(tmp_path / "a.jsonl", [{"content": "x = 1\n"}])
+    write_jsonl(tmp_path / "b.jsonl", [{"text": "y = 2\n", "lang": "py"}] * 4)
+    with caplog.at_level("WARNING"):
+        report = preprocess_corpus(tmp_path, "builtin:tiny", str(tmp_path / "out" / "d"), progress=False)
+    assert report.documents == 1
+    line = (f"{tmp_path / 'b.jsonl'}: no usable record (4 records have no key 'content'; their keys: "
+            "text, lang (use --json-key text))")
+    assert report.unusable_files == [line] and line in caplog.text and line in report.summary()
