@@ -29,6 +29,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (root / "latin1.yaml").write_bytes("# caf\xe9\nmodel: {}\n".encode("latin-1"))
     (root / "not-a-tokenizer.json").write_text('{"hello": "world"}\n')
     (root / "garbage-tokenizer.json").write_text("garbage\n")
+    (root / "junk.model").write_text("not sentencepiece\n")
+    (root / "notes.txt").write_text("x\n")
     write_jsonl(root / "text.jsonl", [{"text": f"x = {i}\n", "id": i} for i in range(60)])
     (root / "empty.jsonl").write_bytes(b"")
     (root / "corrupt.jsonl.gz").write_bytes(b"this is not gzip data\n" * 4)
@@ -75,12 +77,31 @@ MISTAKES = {
         (["TRAIN", "data.paths=[{garbage}]"], "corpus.idx: corrupt index"),
     "train: data made with another tokenizer (FIM on, as in the preset)":
         (["TRAIN", "data.tokenizer={small}"], "corpus was tokenised with builtin:tiny (vocabulary 8192"),
+    "train: a data prefix that does not exist":
+        (["TRAIN", "data.paths=[{root}/nowhere]"], "data.paths: {root}/nowhere.idx: no such index file"),
+    "train: a config that does not exist":
+        (["train", "--config", "{root}/nowhere.yaml"], "nowhere.yaml: no such file or preset"),
     "train: an inf blend weight":
         (["TRAIN", "data.paths=[{{path: {corpus}, weight: .inf}}]"],
          "data.paths[0].weight: must be a positive finite number, got inf"),
     "preprocess: a tokenizer file that is not a tokenizer":
         (["preprocess", "--input", "{root}/text.jsonl", "--tokenizer", "{root}/garbage-tokenizer.json",
           "--output-prefix", "{root}/out/a"], "garbage-tokenizer.json: not a tokenizer"),
+    "preprocess: a .model file that is not sentencepiece":
+        (["preprocess", "--input", "{root}/text.jsonl", "--tokenizer", "{root}/junk.model",
+          "--output-prefix", "{root}/out/e"], "junk.model: not a tokenizer"),
+    "preprocess: an input that is not JSON lines or Parquet":
+        (["preprocess", "--input", "{root}/notes.txt", "--tokenizer", "builtin:tiny",
+          "--output-prefix", "{root}/out/f"], "notes.txt: unsupported input"),
+    "preprocess: a format whose tokens the tokenizer lacks":
+        (["preprocess", "--input", "{root}/text.jsonl", "--tokenizer", "{small}", "--format", "sc1-meta",
+          "--json-key", "text", "--output-prefix", "{root}/out/g"], "has no <reponame> token"),
+    "preprocess: an output prefix under a file":
+        (["preprocess", "--input", "{root}/text.jsonl", "--tokenizer", "builtin:tiny", "--json-key", "text",
+          "--output-prefix", "{root}/notes.txt/d"], "notes.txt"),
+    "preprocess: --workers 0":
+        (["preprocess", "--input", "{root}/text.jsonl", "--tokenizer", "builtin:tiny", "--workers", "0",
+          "--output-prefix", "{root}/out/h"], "--workers: must be at least 1, got 0"),
     "preprocess: every record lacks the key":
         (["preprocess", "--input", "{root}/text.jsonl", "--tokenizer", "builtin:tiny",
           "--output-prefix", "{root}/out/b"],

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # A path the user named that is missing, or is the wrong kind, or is unreadable: a mistake, not a
 # bug, wherever it is noticed (Python's own message names the path).
-PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def one_line(err: BaseException) -> str:
