@@ -157,10 +157,13 @@ class HFTokenizer(Tokenizer):
         return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
     def encode_long(self, text: str, escape_special: bool = False) -> Iterator[list[int]]:
-        """Cut at added-token occurrences (which `tokenizers` splits off first), then inside
-        each section at pre-token starts that follow a non-space character: there the GPT-2
-        regex and `Digits` cut the same way with or without the text that follows, and BPE never
-        merges across a pre-token. Ids equal encoding the text whole (tested on 2 MB lines)."""
+        """Cut at added-token occurrences (which `tokenizers` splits off first), then inside each
+        section about every PIECE_CHARS characters: after an ASCII punctuation mark followed by a
+        letter (PUNCT_LETTER), else at a pre-token start, found by pre-tokenizing from the piece's
+        start, that follows a non-space character. At both the GPT-2 regex and `Digits` cut the
+        same way with or without the text on either side (the match before ends in a non-space
+        character, so no look-ahead is involved; there is no look-behind), and BPE never merges
+        across a pre-token. So the ids equal encoding the text whole (tested on 2 MB lines)."""
         if len(text) <= 2 * PIECE_CHARS or not self._cuttable:
             yield from self.encode_batch([text], escape_special=escape_special)
             return
