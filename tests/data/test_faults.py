@@ -42,7 +42,7 @@ def first_batch(cfg, tokenizer):
 
 
 def test_data_from_a_larger_vocabulary_is_refused_naming_both(made):
-    # Before: an IndexError inside the FIM code.
+    # Before: not refused (an IndexError inside FIM once a cut meets an id beyond the tables).
     small = load_tokenizer(made / "small-tokenizer.json")
     with pytest.raises(ConfigError) as err:
         first_batch(cfg_for(made, "tiny", str(made / "small-tokenizer.json")), small)
