@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,13 @@ _Loader.add_implicit_resolver(
 
 def parse_yaml(text: str):
     return yaml.load(text, Loader=_Loader)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """`line L, column C: problem` from a PyYAML error, in one line."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(getattr(err, "problem", None) or err).split())
 
 
 class UserError(ValueError):
@@ -211,9 +219,7 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
     if isinstance(source, dict):
         raw = source
     elif source is not None:
-        raw = parse_yaml(resolve_config_path(source).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+        raw = read_config_file(resolve_config_path(source))
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
@@ -222,8 +228,31 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"{section}: expected a mapping")
-        raw[section][name] = parse_yaml(value) if value.strip() else None
+        try:
+            raw[section][name] = parse_yaml(value) if value.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({_yaml_problem(err)}); "
+                              "quote strings that hold YAML syntax") from None
     return config_from_dict(raw).validate()
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x}); "
+                          "a config is a UTF-8 YAML file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        raw = parse_yaml(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
 
 
 def resolve_config_path(source: str | Path) -> Path:
@@ -328,8 +357,8 @@ def _is_number(text: str) -> bool:
 
 
 def _check_weight(source: DataSource, key: str) -> DataSource:
-    if not source.weight > 0:
-        raise ConfigError(f"{key}.weight: must be positive, got {source.weight}")
+    if not (source.weight > 0 and math.isfinite(source.weight)):
+        raise ConfigError(f"{key}.weight: must be a positive finite number, got {source.weight}")
     return source
 
 

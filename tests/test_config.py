@@ -64,7 +64,10 @@ BAD = [
     (["train.precision=fp8"], "train.precision: 'fp8' is not one of auto | fp32 | bf16 | fp16"),
     (["data.fim_rate=2"], "data.fim_rate: must be in [0, 1], got 2.0"),
     (["data.split=a,b"], "data.split: expected numbers"),
-    (["data.paths=['-1 x']"], "data.paths[0].weight: must be positive"),
+    (["data.paths=['-1 x']"], "data.paths[0].weight: must be a positive finite number"),
+    (["data.paths=[{path: x, weight: .inf}]"], "data.paths[0].weight: must be a positive finite number, got inf"),
+    (["data.paths=['nan x']"], "data.paths[0].weight: must be a positive finite number, got nan"),
+    (["model.hidden_size=[64"], "--set model.hidden_size=[64: the value is not valid YAML (line 1"),
     (["log.every=0"], "log.every: must be at least 1, got 0"),
     (["train.lr"], "--set 'train.lr': expected section.key=value"),
 ]
@@ -97,3 +100,33 @@ def test_gpt_bigcode_rejects_what_it_cannot_export():
 def test_unknown_preset_lists_presets():
     with pytest.raises(ConfigError, match="no such file or preset .*tiny-sc2"):
         load_config("tiny-sc3")
+
+
+def test_config_reference_is_in_sync_with_config_py():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gen_config_reference", root / "tools" / "gen_config_reference.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    text = gen.render()
+    assert (root / "docs" / "config.md").read_text() == text, \
+        "docs/config.md is stale: run python tools/gen_config_reference.py"
+    from starcoder.config import Config
+
+    for section, value in Config().to_dict().items():  # every key of the schema is documented
+        for key in value:
+            assert f"| `{section}.{key}` |" in text
+
+
+def test_a_config_file_that_is_not_yaml_or_not_utf8_names_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("train:\n  lr: [1\n")
+    with pytest.raises(ConfigError, match=r"a.yaml: not valid YAML \(line 3, column 1"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_bytes(b"train: {lr: 1}\n# \xff\n")
+    with pytest.raises(ConfigError, match=r"b.yaml: not UTF-8 text \(byte 17 is 0xff\)"):
+        load_config(tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("- model\n")
+    with pytest.raises(ConfigError, match="c.yaml: expected a mapping of sections, got list"):
+        load_config(tmp_path / "c.yaml")

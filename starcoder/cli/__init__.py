@@ -43,11 +43,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return handlers[args.command](args) or 0
-    except UserError as err:
+    except (UserError, *PATH_ERRORS) as err:
         if args.debug or os.environ.get("STARCODER_DEBUG") == "1":
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+
+
+# A path the user named that is missing, or is the wrong kind, or is unreadable: a mistake, not a
+# bug, wherever it is noticed (Python's own message names the path).
+PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:

@@ -49,10 +49,11 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     start = time.perf_counter()
+    settings = [f"train.output_dir={out / 'run'}", f"train.max_steps={args.steps}",
+                "data.num_workers=1", "log.every=10", "train.eval_every=0"] + args.overrides
+    load_config("tiny-sc2", settings)  # a mistake in --set or --steps stops before the corpus is made
     prefix = prepare_corpus(out / "data", args.max_files)
-    cfg = load_config("tiny-sc2", [f"data.paths=[{prefix}]", f"train.output_dir={out / 'run'}",
-                                   f"train.max_steps={args.steps}", "data.num_workers=1",
-                                   "log.every=10", "train.eval_every=0"] + args.overrides)
+    cfg = load_config("tiny-sc2", [f"data.paths=[{prefix}]"] + settings)
     train(cfg)
     hf = to_hf(out / "run", out / "hf")
     print(f"\nexported {out / 'run'} (latest checkpoint) to {hf} in Hugging Face format")

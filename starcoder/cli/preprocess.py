@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from starcoder.config import UserError
 
 EPILOG = """\
 formats:
@@ -17,7 +18,9 @@ formats:
 
 Output: PREFIX.bin and PREFIX.idx (megatron-core's mmap format, uint16 tokens when the vocabulary
 fits) and PREFIX.json (this report). Random draws are seeded per document, so the files are
-byte-identical for any --workers. Bad lines are counted and reported, never fatal.
+byte-identical for any --workers. Bad records and damaged files are counted and reported;
+a run that would write no document writes nothing and exits 2 with the reason (e.g. "use
+--json-key text"). Documents of any length are tokenised in bounded memory.
 
 example:
   starcoder preprocess --input data/the-stack-python/ --tokenizer path/to/tokenizer.json \\
@@ -70,17 +73,12 @@ def run(args) -> int:
     from starcoder.data.preprocess import preprocess_corpus
 
     if args.workers < 1:
-        print("error: --workers must be at least 1", file=sys.stderr)
-        return 2
-    try:
-        report = preprocess_corpus(
-            args.input, args.tokenizer, args.output_prefix, fmt=args.format, json_key=args.json_key,
-            workers=args.workers, repo_key=args.repo_key, path_key=args.path_key,
-            stars_key=args.stars_key, meta_prob=args.meta_prob, seed=args.seed,
-            escape_special_tokens=args.escape_special_tokens, input_grouped=args.input_grouped,
-            group_memory_mb=args.group_memory_mb, progress=False if args.no_progress else None)
-    except (FileNotFoundError, ValueError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UserError(f"--workers: must be at least 1, got {args.workers}")
+    report = preprocess_corpus(
+        args.input, args.tokenizer, args.output_prefix, fmt=args.format, json_key=args.json_key,
+        workers=args.workers, repo_key=args.repo_key, path_key=args.path_key,
+        stars_key=args.stars_key, meta_prob=args.meta_prob, seed=args.seed,
+        escape_special_tokens=args.escape_special_tokens, input_grouped=args.input_grouped,
+        group_memory_mb=args.group_memory_mb, progress=False if args.no_progress else None)
     print(report.summary())
     return 0

@@ -11,9 +11,10 @@ from starcoder.config import load_config
 
 EPILOG = """\
 examples:
-  starcoder train --config tiny-sc2 --set data.paths=[data/stdlib_text_document]
+  starcoder train --config tiny-sc2 --set data.paths=[runs/demo/data/stdlib]   (after starcoder demo)
   torchrun --nproc-per-node 8 -m starcoder train --config starcoder2-3b \\
-      --set data.paths=[/data/stack_text_document] --set data.tokenizer=/models/starcoder2
+      --set data.paths=[/data/stack] --set data.tokenizer=/models/starcoder2
+      (/data/stack.bin/.idx made by: starcoder preprocess --output-prefix /data/stack ...)
   sbatch tools/train.sbatch   (SLURM: one task per GPU, preemption-safe)
 
 A run writes <train.output_dir>/{config.yaml, metrics.jsonl, tensorboard/, checkpoints/} and

@@ -7,9 +7,12 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
+
+from starcoder.config import UserError
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 COMPRESSED = (".gz", ".zst", ".zstd")
@@ -39,13 +42,13 @@ def list_input_files(inputs: Union[str, Path, Iterable[Union[str, Path]]]) -> li
             files.extend(found)
         elif path.is_file():
             if not is_input_file(path):
-                raise ValueError(f"{path}: unsupported input (expected .jsonl, .json, .ndjson, "
+                raise UserError(f"{path}: unsupported input (expected .jsonl, .json, .ndjson, "
                                  "optionally .gz/.zst, or .parquet)")
             files.append(path)
         else:
             raise FileNotFoundError(f"{path}: no such input file or folder")
     if not files:
-        raise ValueError("no input files given")
+        raise UserError("no input files given")
     return files
 
 
@@ -82,25 +85,54 @@ def _open_lines(path: Path, raw_file) -> io.BufferedIOBase:
         try:
             import zstandard
         except ImportError as err:
-            raise ImportError(f"{path}: reading .zst needs `pip install zstandard`") from err
+            raise UserError(f"{path}: reading .zst needs `pip install zstandard`") from err
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw_file), 1 << 20)
     return raw_file
 
 
-def iter_records(files: list[Path], columns: list[str], counter: Optional[ByteCounter] = None
-                 ) -> Iterator[Record]:
-    """Every record of every file in order. Parquet reads only `columns` that exist."""
+def corrupt_file_errors() -> tuple[type, ...]:
+    """What a damaged .gz, .zst or Parquet file raises while it is read."""
+    errors: list[type] = [OSError, EOFError, zlib.error]  # gzip.BadGzipFile is an OSError
+    try:
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    try:
+        import pyarrow
+
+        errors.append(pyarrow.ArrowException)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def iter_records(files: list[Path], columns: list[str], counter: Optional[ByteCounter] = None,
+                 on_corrupt: Optional[Callable[[Path, str], None]] = None) -> Iterator[Record]:
+    """Every record of every file in order. Parquet reads only `columns` that exist. A file that
+    turns out damaged ends where the damage starts: `on_corrupt(path, reason)` is told and the
+    next file is read (without `on_corrupt`, a UserError naming the file)."""
     counter = counter or ByteCounter()
+    corrupt = corrupt_file_errors()
     for fi, path in enumerate(files):
-        if path.name.lower().endswith(".parquet"):
-            yield from _parquet_records(fi, path, columns, counter)
-            continue
-        with open(path, "rb", buffering=1 << 20) as raw_file:
-            counter.track(raw_file)
-            stream = _open_lines(path, raw_file)
-            for line_no, line in enumerate(stream, 1):
-                if line.strip():
-                    yield Record(fi, line_no, raw=line)
+        try:
+            if path.name.lower().endswith(".parquet"):
+                yield from _parquet_records(fi, path, columns, counter)
+                continue
+            with open(path, "rb", buffering=1 << 20) as raw_file:
+                counter.track(raw_file)
+                stream = _open_lines(path, raw_file)
+                for line_no, line in enumerate(stream, 1):
+                    if line.strip():
+                        yield Record(fi, line_no, raw=line)
+        except (FileNotFoundError, PermissionError):
+            raise
+        except corrupt as err:
+            reason = f"corrupt ({' '.join(str(err).split()) or type(err).__name__})"
+            if on_corrupt is None:
+                raise UserError(f"{path}: {reason}") from None
+            on_corrupt(path, reason)
         counter.update()
 
 
@@ -108,7 +140,7 @@ def _parquet_records(fi: int, path: Path, columns: list[str], counter: ByteCount
     try:
         import pyarrow.parquet as pq
     except ImportError as err:
-        raise ImportError(f"{path}: reading Parquet needs `pip install pyarrow`") from err
+        raise UserError(f"{path}: reading Parquet needs `pip install pyarrow`") from err
     with open(path, "rb") as raw_file:
         counter.track(raw_file)
         pf = pq.ParquetFile(raw_file)

@@ -104,16 +104,21 @@ class IndexCache:
     def load_or_build(self, stem: str, key: dict, names: tuple[str, ...],
                       build: Callable[[], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
         paths = self.paths(stem, key, names)
-        if not all(paths[n].is_file() for n in names):
-            start = time.perf_counter()
-            arrays = build()
-            log.info("built %s indices in %s (%.1fs)", stem, self.folder, time.perf_counter() - start)
-            self.folder.mkdir(parents=True, exist_ok=True)
-            for n, arr in zip(names, arrays):
-                _save_atomic(paths[n], arr)
-            tmp = paths["description"].with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(key, indent=1, sort_keys=True))
-            os.replace(tmp, paths["description"])
+        if all(paths[n].is_file() for n in names):
+            try:
+                return tuple(np.load(paths[n], mmap_mode="r") for n in names)
+            except (ValueError, OSError, EOFError) as err:  # truncated or overwritten by hand
+                log.warning("index cache %s is unreadable (%s): rebuilding it", self.folder,
+                            " ".join(str(err).split()))
+        start = time.perf_counter()
+        arrays = build()
+        log.info("built %s indices in %s (%.1fs)", stem, self.folder, time.perf_counter() - start)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for n, arr in zip(names, arrays):
+            _save_atomic(paths[n], arr)
+        tmp = paths["description"].with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(key, indent=1, sort_keys=True))
+        os.replace(tmp, paths["description"])
         return tuple(np.load(paths[n], mmap_mode="r") for n in names)
 
 

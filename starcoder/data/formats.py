@@ -15,6 +15,7 @@ import random
 from dataclasses import dataclass
 from typing import Optional
 
+from starcoder.config import UserError
 from starcoder.data.tokenizer import Tokenizer
 
 FORMATS = ("plain", "sc1-meta", "sc2-repo")
@@ -34,7 +35,7 @@ class FormatOptions:
 
     def __post_init__(self):
         if self.fmt not in FORMATS:
-            raise ValueError(f"format {self.fmt!r}: expected one of {', '.join(FORMATS)}")
+            raise UserError(f"format {self.fmt!r}: expected one of {', '.join(FORMATS)}")
         sc1 = self.fmt == "sc1-meta"
         self.repo_key = self.repo_key or ("max_stars_repo_name" if sc1 else "repo_name")
         self.path_key = self.path_key or ("max_stars_repo_path" if sc1 else "path")
@@ -42,7 +43,7 @@ class FormatOptions:
         if self.meta_prob is None:
             self.meta_prob = 0.2 if sc1 else 0.5
         if not 0.0 <= self.meta_prob <= 1.0:
-            raise ValueError(f"metadata probability must be in [0, 1], got {self.meta_prob}")
+            raise UserError(f"metadata probability must be in [0, 1], got {self.meta_prob}")
 
     def columns(self) -> list[str]:
         """The fields a record needs (what Parquet reads)."""

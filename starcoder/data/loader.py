@@ -17,7 +17,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from starcoder.config import Config, ConfigError, accumulation_steps
+from starcoder.config import Config, ConfigError, UserError, accumulation_steps
+from starcoder.data.binding import check_tokenizer
 from starcoder.data.dataset import BlendedSamples, IndexCache, blended_samples, writable_dir
 from starcoder.data.fim import FimTransform, sample_rng
 from starcoder.data.tokenizer import MissingTokenError, Tokenizer
@@ -189,6 +190,10 @@ def _build(cfg: Config, tokenizer: Tokenizer, split: int, num_samples: int) -> O
 def build_train_loader(cfg: Config, tokenizer: Tokenizer, *, dp_rank: int, dp_size: int,
                        consumed_samples: int) -> Iterator[dict]:
     _check(cfg, dp_rank, dp_size)
+    try:  # before any token is read: another tokenizer's ids would train silently or crash in FIM
+        check_tokenizer([s.path for s in cfg.data.paths], tokenizer, cache_for(cfg).folder)
+    except (UserError, FileNotFoundError) as err:
+        raise ConfigError(f"data.paths: {err}") from None
     t = cfg.train
     dataset = _build(cfg, tokenizer, TRAIN, t.max_steps * t.global_batch_size)
     if dataset is None:

@@ -3,18 +3,24 @@
 The main process reads and parses records, applies the document format (all random draws are
 seeded per document) and writes the output in input order; `workers` processes only tokenise, one
 `tokenizers` thread each. So the files are byte-identical for any number of workers.
+
+A run never makes things worse: output is staged and published only when it holds documents;
+otherwise a UserError says in one line why nothing was usable. Damaged input files are counted
+and named, and a huge line is tokenised in bounded memory (`Tokenizer.encode_long`).
 """
 
 from __future__ import annotations
 
 import collections
+import glob
 import itertools
-import json
+import logging
 import math
 import multiprocessing
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,13 +29,15 @@ from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
 
+from starcoder.config import UserError
 from starcoder.data.corpus import (BadRecord, ByteCounter, Record, iter_records, list_input_files,
                                    parse, snippet, text_field)
 from starcoder.data.formats import Document, FormatOptions, Formatter
-from starcoder.data.indexed import IndexedWriter, token_dtype
-from starcoder.data.tokenizer import Tokenizer, load_tokenizer
+from starcoder.data.indexed import IndexedWriter, process_running, token_dtype
+from starcoder.data.tokenizer import PIECE_CHARS, Tokenizer, load_tokenizer
 
 MAX_EXAMPLES = 5  # bad-record examples kept per reason
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,7 +45,14 @@ class PreprocessReport:
     output_prefix: str
     tokenizer: str
     format: str
+    # What the loader checks the data against (starcoder.data.binding).
+    tokenizer_fingerprint: str = ""
+    vocab_size: int = 0
+    max_token_id: int = -1
     files: list = field(default_factory=list)
+    corrupt_files: dict = field(default_factory=dict)  # path -> reason; read up to the damage
+    empty_files: list = field(default_factory=list)
+    unusable_files: list = field(default_factory=list)  # "path: why", files that gave no document
     dtype: str = ""
     records: int = 0  # non-blank lines / rows read
     documents: int = 0  # documents written
@@ -73,6 +88,9 @@ class PreprocessReport:
         for reason, count in sorted(self.bad_records.items()):
             lines.append(f"  {reason}: {count:,}")
         lines += [f"    {e}" for e in self.bad_examples]
+        lines += [f"corrupt file {path}: {reason}" for path, reason in self.corrupt_files.items()]
+        lines += [f"empty file {path}" for path in self.empty_files]
+        lines += [f"warning: {line}" for line in self.unusable_files]
         if self.special_token_strings:
             how = "escaped as plain text" if self.escaped_special_tokens else \
                 "encoded as special tokens (use --escape-special-tokens to keep them as text)"
@@ -94,25 +112,36 @@ def preprocess_corpus(inputs: Union[str, Path, Iterable], tokenizer_spec: str, o
     start = time.perf_counter()
     files = list_input_files(inputs)
     tokenizer = load_tokenizer(tokenizer_spec)
+    read = {f.resolve() for f in files} | {Path(tokenizer.path).resolve()}
+    for ext in (".bin", ".idx", ".json"):  # e.g. --output-prefix x/tokenizer beside tokenizer.json
+        out = Path(f"{output_prefix}{ext}").resolve()
+        if out in read:
+            raise UserError(f"--output-prefix {output_prefix}: {out} is an input of this run; "
+                            "choose another prefix")
+    remove_stale_groupings(Path(output_prefix).parent)
     if escape_special_tokens and not hasattr(tokenizer, "escaping_backend"):
-        raise ValueError(f"--escape-special-tokens: not supported for {tokenizer.name}")
+        raise UserError(f"--escape-special-tokens: not supported for {tokenizer.name}")
     opts = FormatOptions(fmt=fmt, json_key=json_key, repo_key=repo_key, path_key=path_key,
                          stars_key=stars_key, meta_prob=meta_prob, seed=seed)
     formatter = Formatter(opts, tokenizer)
     eod = tokenizer.eod_id
     dtype = token_dtype(tokenizer.vocab_size)
     report = PreprocessReport(output_prefix=str(output_prefix), tokenizer=tokenizer.name, format=fmt,
-                              files=[str(f) for f in files], dtype=dtype.name,
-                              escaped_special_tokens=escape_special_tokens)
+                              tokenizer_fingerprint=tokenizer.fingerprint,
+                              vocab_size=tokenizer.vocab_size, files=[str(f) for f in files],
+                              dtype=dtype.name, escaped_special_tokens=escape_special_tokens)
     counter = ByteCounter()
     reader = _Reader(files, opts, formatter, report, counter, input_grouped,
                      max(4096, int(group_memory_mb * 2**20)), Path(output_prefix).parent)
     bar = _progress(sum(f.stat().st_size for f in files), progress)
-    with IndexedWriter(output_prefix, dtype) as writer:
+    writer = IndexedWriter(output_prefix, dtype)
+    try:
         for flat, sizes, n_special, n_docs_special in _tokenize(
                 _chunks(reader.documents(), chunk_bytes), tokenizer, tokenizer_spec, eod, dtype,
                 escape_special_tokens, workers):
             writer.add_documents(flat, sizes)
+            if flat.size:
+                report.max_token_id = max(report.max_token_id, int(flat.max()))
             report.special_token_strings += n_special
             report.documents_with_special_strings += n_docs_special
             if bar is not None:
@@ -121,12 +150,24 @@ def preprocess_corpus(inputs: Union[str, Path, Iterable], tokenizer_spec: str, o
                 bar.set_postfix_str(f"{writer.documents / elapsed:,.0f} docs/s, "
                                     f"{writer.tokens / elapsed:,.0f} tokens/s", refresh=False)
         report.documents, report.tokens = writer.documents, writer.tokens
-    if bar is not None:
-        bar.close()
-    report.seconds = time.perf_counter() - start
-    with open(f"{output_prefix}.json", "w") as f:  # provenance beside the data
-        json.dump(report.to_dict(), f, indent=1)
+        if bar is not None:
+            bar.close()
+        if report.documents == 0:  # an earlier dataset at this prefix stays as it was
+            raise UserError(reader.why_nothing())
+        report.seconds = time.perf_counter() - start
+        writer.finish(report.to_dict())  # PREFIX.json, the provenance, lands before the .idx
+    except BaseException:
+        writer.abort()
+        raise
     return report
+
+
+def remove_stale_groupings(folder: Path) -> None:
+    """The sc2-repo partitions (`.groupby-PID-*`) of a killed run in the output folder."""
+    for path in glob.glob(os.path.join(glob.escape(str(folder)), ".groupby-*-*")):
+        pid = os.path.basename(path).split("-")[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _progress(total_bytes: int, enabled: Optional[bool]):
@@ -148,6 +189,10 @@ class _Reader:
         self.files, self.opts, self.fmt, self.report = files, opts, formatter, report
         self.counter, self.input_grouped = counter, input_grouped
         self.group_budget, self.tmp_parent = group_budget, tmp_parent
+        # The fields of records that lack `json_key`, and which of them hold text: the hint.
+        self.missing_content = 0
+        self.fields_seen: collections.Counter = collections.Counter()
+        self.text_fields: collections.Counter = collections.Counter()
 
     def bad(self, record: Record, err: BadRecord) -> None:
         r = self.report
@@ -157,21 +202,64 @@ class _Reader:
             r.bad_examples.append(f"{self.files[record.file]}:{record.line}: {err.reason}{detail}: "
                                   f"{snippet(record)}")
 
+    def corrupt(self, path: Path, reason: str) -> None:
+        self.report.corrupt_files[str(path)] = reason
+        log.warning("%s: %s; its records up to the damage are kept", path, reason)
+
     def records(self) -> Iterator[tuple[Record, dict, str]]:
         """(record, parsed object, content) for every usable record; counts the rest."""
-        key = self.opts.json_key
-        for record in iter_records(self.files, self.opts.columns(), self.counter):
+        key, last_file, usable, missing = self.opts.json_key, -1, 0, 0
+        for record in iter_records(self.files, self.opts.columns(), self.counter, self.corrupt):
+            if record.file != last_file:
+                self._note_unusable(last_file, usable, missing)
+                self._note_empty(last_file + 1, record.file)
+                last_file, usable, missing = record.file, 0, self.missing_content
             self.report.records += 1
             try:
                 obj = parse(record)
                 content = text_field(obj, key)
             except BadRecord as err:
+                if err.reason == "missing key" and err.detail == key:
+                    self._missing_content(obj)
                 self.bad(record, err)
                 continue
             if not content:
                 self.report.empty_documents += 1
                 continue
+            usable += 1
             yield record, obj, content
+        self._note_unusable(last_file, usable, missing)
+        self._note_empty(last_file + 1, len(self.files))
+
+    def _note_unusable(self, file: int, usable: int, missing_before: int) -> None:
+        """A file that had records but none usable (e.g. `{"text": ...}` under the default
+        --json-key content) is warned about by name, with the hint, even when others were fine."""
+        if file < 0 or usable:
+            return
+        line = f"{self.files[file]}: no usable record"
+        if self.missing_content > missing_before:
+            line += f" ({self._missing_hint(self.missing_content - missing_before)})"
+        self.report.unusable_files.append(line)
+        log.warning("%s", line)
+
+    def _missing_hint(self, count: int) -> str:
+        fields = ", ".join(k for k, _ in self.fields_seen.most_common(8))
+        hint = f" (use --json-key {self.text_fields.most_common(1)[0][0]})" if self.text_fields else ""
+        return (f"{count:,} records have no key '{self.opts.json_key}'" +
+                (f"; their keys: {fields}{hint}" if fields else ""))
+
+    def _missing_content(self, obj: dict) -> None:
+        self.missing_content += 1
+        if self.missing_content <= 10_000:  # enough to name the fields
+            self.fields_seen.update(obj.keys())
+            self.text_fields.update(k for k, v in obj.items() if isinstance(v, str))
+
+    def _note_empty(self, first: int, stop: int) -> None:
+        """Files first..stop-1 gave no record (and were not damaged): warn about each."""
+        for path in self.files[first:stop]:
+            if str(path) not in self.report.corrupt_files:
+                self.report.empty_files.append(str(path))
+                log.warning("%s: empty (no records)", path)
 
     def documents(self) -> Iterator[Document]:
         if self.opts.fmt == "sc2-repo":
@@ -182,6 +270,28 @@ class _Reader:
                 yield (content,)
             else:  # keyed on the record's position in the input: independent of workers
                 yield self.fmt.sc1_meta(content, obj, self.report.records - 1)
+
+    def why_nothing(self) -> str:
+        """One line: why no document was written."""
+        r, key, causes = self.report, self.opts.json_key, []
+        if self.missing_content:
+            causes.append(self._missing_hint(self.missing_content))
+        for reason, count in sorted(r.bad_records.items()):
+            count -= self.missing_content if reason == "missing key" else 0
+            if count:
+                causes.append(f"{count:,} records: {reason} (first: {self._example(reason)})")
+        if r.empty_documents:
+            causes.append(f"{r.empty_documents:,} records have empty '{key}'")
+        if r.corrupt_files:
+            causes.append(f"{len(r.corrupt_files)} corrupt file(s): " +
+                          ", ".join(f"{p}: {why}" for p, why in r.corrupt_files.items()))
+        if not r.records and not r.corrupt_files:
+            causes.append(f"the input holds no records ({len(r.empty_files)} empty file(s))")
+        return "0 documents: " + "; ".join(causes or ["nothing to write"]) + \
+            f"; nothing was written to {r.output_prefix}"
+
+    def _example(self, reason: str) -> str:
+        return next((e.split(": ", 1)[0] for e in self.report.bad_examples if f": {reason}" in e), "?")
 
     # sc2-repo: the files of a repository must be brought together.
     def _files(self) -> Iterator[tuple[str, str, str]]:
@@ -237,7 +347,7 @@ def _grouped(files, partitions: int, tmp_parent: Path) -> Iterator[tuple[str, li
         return
     from starcoder.data.formats import name_key
 
-    with tempfile.TemporaryDirectory(prefix=".groupby-", dir=tmp_parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f".groupby-{os.getpid()}-", dir=tmp_parent) as tmp:
         paths = [os.path.join(tmp, f"part{i:05d}.pkl") for i in range(partitions)]
         buffers: list[list] = [[] for _ in range(partitions)]
         handles = [open(p, "wb") for p in paths]
@@ -302,8 +412,10 @@ def _init_worker(spec: str) -> None:
 def tokenize_documents(docs: list[Document], tokenizer: Tokenizer, pattern, eod: int, dtype,
                        escape: bool) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Tokens of each document (its parts, then EOD) back to back, their sizes, the number of
-    literal special-token strings in the text and the number of documents holding any."""
-    texts = [p for doc in docs for p in doc if isinstance(p, str)]
+    literal special-token strings in the text and the number of documents holding any. A text
+    longer than two pieces is encoded piece by piece (`Tokenizer.encode_long`), each piece's ids
+    kept as a compact array: bounded memory, the same ids."""
+    texts = [p for doc in docs for p in doc if isinstance(p, str) and not _long(p)]
     n_special = n_docs = 0
     if pattern is not None:
         for doc in docs:
@@ -315,13 +427,24 @@ def tokenize_documents(docs: list[Document], tokenizer: Tokenizer, pattern, eod:
     for i, doc in enumerate(docs):
         n = 0
         for part in doc:
-            ids = next(encoded) if isinstance(part, str) else [part]
-            pieces.append(ids)
-            n += len(ids)
+            if isinstance(part, int):
+                parts = [[part]]
+            elif _long(part):
+                parts = (np.asarray(ids, dtype=dtype)
+                         for ids in tokenizer.encode_long(part, escape_special=escape))
+            else:
+                parts = [next(encoded)]
+            for ids in parts:
+                pieces.append(ids)
+                n += len(ids)
         pieces.append((eod,))
         sizes[i] = n + 1
     flat = np.fromiter(itertools.chain.from_iterable(pieces), dtype=dtype, count=int(sizes.sum()))
     return flat, sizes, n_special, n_docs
+
+
+def _long(text: str) -> bool:
+    return len(text) > 2 * PIECE_CHARS
 
 
 def _work(docs: list[Document], escape: bool):

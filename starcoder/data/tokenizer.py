@@ -7,12 +7,26 @@ Special tokens are looked up by name; FIM sentinels also under SantaCoder's hyph
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
+
+from starcoder.config import UserError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "tokenizers"
+# A text longer than twice this many characters is encoded in pieces of about this size, cut
+# where the pre-tokenizer would cut anyway: the same ids in bounded memory (a 50 MB line encoded
+# whole holds gigabytes of per-token objects).
+PIECE_CHARS = 1 << 16
+PIECES_PER_BATCH = 16
+# An ASCII punctuation mark other than the apostrophe, then an ASCII letter: the GPT-2 regex ends
+# a pre-token there whatever surrounds the pair (only `'s`-style contractions join punctuation to
+# letters), so such a cut needs no look at the text before it.
+PUNCT_LETTER = re.compile(r"[!-&(-/:-@\[-`{-~][A-Za-z]")
 EOD = "<|endoftext|>"
 # name -> spellings tried in order: StarCoder/StarCoder2 first, then SantaCoder's hyphenated one.
 FIM_TOKENS = {
@@ -23,7 +37,7 @@ FIM_TOKENS = {
 }
 
 
-class MissingTokenError(ValueError):
+class MissingTokenError(UserError):
     """The tokenizer lacks a special token that the requested feature needs."""
 
 
@@ -44,6 +58,7 @@ class Tokenizer:
     """
 
     name: str
+    path: Path  # the file it was read from
     vocab_size: int
 
     def encode(self, text: str) -> list[int]:
@@ -54,8 +69,23 @@ class Tokenizer:
         ordinary text (where the tokenizer supports it)."""
         return [self.encode(t) for t in texts]
 
+    def encode_long(self, text: str, escape_special: bool = False) -> Iterator[list[int]]:
+        """The ids of `text` in consecutive parts (their concatenation is the whole encoding);
+        tokenizers that cannot be cut safely yield it whole."""
+        yield from self.encode_batch([text], escape_special=escape_special)
+
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
+
+    def tokens_by_id(self) -> list[str]:
+        """Every token's string, in id order (the vocabulary)."""
+        raise NotImplementedError
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A hash of the vocabulary (every token string with its id): equal for the same
+        tokenizer however its file is formatted, different when any id means another token."""
+        return hashlib.sha256(json.dumps(self.tokens_by_id()).encode()).hexdigest()
 
     def token_to_id(self, token: str) -> Optional[int]:
         raise NotImplementedError
@@ -106,7 +136,11 @@ class HFTokenizer(Tokenizer):
 
         self.path = Path(path)
         self.name = name or str(self.path)
-        self.backend = RustTokenizer.from_file(str(self.path))
+        try:
+            self.backend = RustTokenizer.from_file(str(self.path))
+        except Exception as err:  # `tokenizers` raises a bare Exception for any unreadable file
+            raise UserError(f"{self.path}: not a tokenizer ({' '.join(str(err).split())}); expected "
+                            "a Hugging Face tokenizer.json or a sentencepiece .model") from None
         self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
         self._special = {t.content: i for i, t in self.backend.get_added_tokens_decoder().items()
                          if t.special}
@@ -121,6 +155,79 @@ class HFTokenizer(Tokenizer):
         backend = self.escaping_backend() if escape_special else self.backend
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
         return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+
+    def encode_long(self, text: str, escape_special: bool = False) -> Iterator[list[int]]:
+        """Cut at added-token occurrences (which `tokenizers` splits off first), then inside each
+        section about every PIECE_CHARS characters: after an ASCII punctuation mark followed by a
+        letter (PUNCT_LETTER), else at a pre-token start, found by pre-tokenizing from the piece's
+        start, that follows a non-space character. At both the GPT-2 regex and `Digits` cut the
+        same way with or without the text on either side (the match before ends in a non-space
+        character, so no look-ahead is involved; there is no look-behind), and BPE never merges
+        across a pre-token. So the ids equal encoding the text whole (tested on 2 MB lines)."""
+        if len(text) <= 2 * PIECE_CHARS or not self._cuttable:
+            yield from self.encode_batch([text], escape_special=escape_special)
+            return
+        batch: list[str] = []
+        for piece in self._pieces(text, escape_special):
+            batch.append(piece)
+            if len(batch) == PIECES_PER_BATCH:
+                yield from self.encode_batch(batch, escape_special=escape_special)
+                batch = []
+        if batch:
+            yield from self.encode_batch(batch, escape_special=escape_special)
+
+    @functools.cached_property
+    def _cuttable(self) -> bool:
+        """StarCoder's pipeline: no normaliser, the GPT-2 regex (`ByteLevel`, no prefix space),
+        optionally after `Digits`, and no added token that strips or matches whole words. Then
+        pieces encode exactly as their spans of the whole text."""
+        pre = self.config().get("pre_tokenizer") or {}
+        steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+        regex = [s for s in steps if s.get("type") == "ByteLevel"]
+        added = self.backend.get_added_tokens_decoder().values()
+        return (self.backend.normalizer is None and len(regex) == 1
+                and regex[0].get("use_regex", True) and not regex[0].get("add_prefix_space")
+                and all(s.get("type") in ("ByteLevel", "Digits") for s in steps)
+                and not any(t.lstrip or t.rstrip or t.single_word for t in added))
+
+    def _added_pattern(self, escape_special: bool) -> Optional[re.Pattern]:
+        names = sorted((t.content for t in self.backend.get_added_tokens_decoder().values()
+                        if not (escape_special and t.special)), key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, names))) if names else None
+
+    def _pieces(self, text: str, escape_special: bool) -> Iterator[str]:
+        pattern, pos = self._added_pattern(escape_special), 0
+        for match in (pattern.finditer(text) if pattern is not None else ()):
+            yield from self._cut(text, pos, match.start())
+            yield match.group()
+            pos = match.end()
+        yield from self._cut(text, pos, len(text))
+
+    def _cut(self, text: str, start: int, stop: int) -> Iterator[str]:
+        pre = self.backend.pre_tokenizer
+        while stop - start > 2 * PIECE_CHARS:
+            last = None  # the last punctuation-letter pair in the second half of the piece
+            for last in PUNCT_LETTER.finditer(text, start + PIECE_CHARS // 2, start + PIECE_CHARS):
+                pass
+            if last is not None:
+                yield text[start:last.start() + 1]
+                start = last.start() + 1
+                continue
+            # Else ask the pre-tokenizer, from this piece's start (a known pre-token start).
+            span = PIECE_CHARS
+            while True:  # widen until the window holds a safe cut (one pre-token may be huge)
+                window = text[start:min(stop, start + span + 1024)]
+                cut = max((a for _, (a, _) in pre.pre_tokenize_str(window)
+                           if 0 < a <= span and not window[a - 1].isspace()), default=0)
+                if cut or start + span >= stop:
+                    break
+                span *= 2
+            if not cut:
+                break
+            yield text[start:start + cut]
+            start += cut
+        if stop > start:
+            yield text[start:stop]
 
     def escaping_backend(self):
         if self._escaping is None:
@@ -137,6 +244,10 @@ class HFTokenizer(Tokenizer):
 
     def token_to_id(self, token: str) -> Optional[int]:
         return self.backend.token_to_id(token)
+
+    def tokens_by_id(self) -> list[str]:
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        return [t for t, _ in sorted(vocab.items(), key=lambda item: item[1])]
 
     @property
     def special_tokens(self) -> dict[str, int]:
@@ -162,10 +273,14 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             import sentencepiece
         except ImportError as err:  # an optional dependency (extra "data")
-            raise ImportError(f"{path}: reading sentencepiece models needs `pip install sentencepiece`") from err
+            raise UserError(f"{path}: reading sentencepiece models needs `pip install sentencepiece`") from err
         self.path = Path(path)
         self.name = name or str(self.path)
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
+        except (OSError, RuntimeError) as err:
+            raise UserError(f"{self.path}: not a tokenizer (sentencepiece cannot read it: "
+                            f"{' '.join(str(err).split())})") from None
         self.vocab_size = self.sp.get_piece_size()
         self._special = {self.sp.id_to_piece(i): i for i in _special_piece_ids(self.sp)}
 
@@ -177,6 +292,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode(list(map(int, ids)))
+
+    def tokens_by_id(self) -> list[str]:
+        return [self.sp.id_to_piece(i) for i in range(self.vocab_size)]
 
     def token_to_id(self, token: str) -> Optional[int]:
         tid = self.sp.piece_to_id(token)

@@ -89,3 +89,19 @@ def write_jsonl(path: Path, rows: list, raw_lines: list[bytes] = ()) -> Path:
         for line in raw_lines:
             f.write(line.rstrip(b"\n") + b"\n")
     return path
+
+
+def small_tokenizer(path: Path, vocab_size: int = 400) -> Path:
+    """A byte-level BPE like the tiny one with a much smaller vocabulary (and so different ids):
+    what another tokenizer's data looks like to a run."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[
+        "<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "<repo_name>",
+        "<file_sep>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(stdlib_sources(10), trainer=trainer)
+    tok.save(str(path))
+    return path

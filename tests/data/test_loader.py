@@ -124,7 +124,7 @@ def test_python_and_cpp_builders_give_the_same_batches(corpus, tmp_path, tiny, m
 def test_index_cache_is_reused_and_rebuilt_when_inputs_change(corpus, tmp_path, tiny, monkeypatch):
     src = tmp_path / "src"
     src.mkdir()
-    for ext in (".bin", ".idx"):
+    for ext in (".bin", ".idx", ".json"):
         (src / f"d{ext}").write_bytes(open(corpus[0] + ext, "rb").read())
     cfg = make_cfg([str(src / "d")], None)  # default: index_cache beside the data
     next(build_train_loader(cfg, tiny, dp_rank=0, dp_size=1, consumed_samples=0))
