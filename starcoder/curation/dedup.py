@@ -237,6 +237,8 @@ def cluster(keys: dict, pairs: Optional[Iterable], exact: bool
             continue  # an exact copy's pairs are its survivor's pairs
         if keys[a][1] != keys[b][1]:
             continue  # another language
+        parent.setdefault(a, a)
+        parent.setdefault(b, b)
         ra, rb = find(a), find(b)
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)

@@ -47,7 +47,7 @@ class Finalize(PipelineStep):
         (staged / "report.json").write_text(json.dumps(report, indent=1))
         plot_distributions(report, staged / "distributions.png")
         staged.replace(self.output)
-        for heavy in ("intermediate", "signatures", "buckets"):
+        for heavy in ("intermediate", "signatures"):  # the pairs (buckets/) and keys stay
             shutil.rmtree(work / heavy, ignore_errors=True)
 
 
@@ -63,7 +63,7 @@ def stages(cfg: CurateConfig, inputs: list[str], output: str, work: Path) -> lis
     finish = []
     if dedup:
         prepare += [DedupKeys(work / "keys", cfg.select.licenses, cfg.dedup.rank, cfg.dedup.per_language),
-                    WriteParquet(work / "intermediate", key)]
+                    WriteParquet(work / "intermediate", key, keep_id=True)]
         finish += [ReadTask(work / "intermediate", key), DropDuplicates(w, cfg)]
     if near:
         prepare.append(CodeMinhashSignature(str(work / "signatures"), cfg.near_dedup))

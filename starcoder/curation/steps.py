@@ -18,6 +18,7 @@ from starcoder.curation.config import CurateConfig
 SIZE_BINS = np.linspace(0, 7, 71)  # log10 characters
 LINE_BINS = np.linspace(0, 200, 81)  # mean line length
 PART_BYTES = 64 << 20  # text per Parquet file
+ID_COLUMN = "__curate_id"  # the document id, in intermediate files only
 
 
 def _nbytes(text: str) -> int:
@@ -188,9 +189,9 @@ class WriteParquet(PipelineStep):
 
     name = "💾 write parquet"
 
-    def __init__(self, folder: str, content_key: str):
+    def __init__(self, folder: str, content_key: str, keep_id: bool = False):
         super().__init__()
-        self.folder, self.content_key = str(folder), content_key
+        self.folder, self.content_key, self.keep_id = str(folder), content_key, keep_id
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         import pyarrow as pa
@@ -209,7 +210,8 @@ class WriteParquet(PipelineStep):
             rows, size, part = [], 0, part + 1
 
         for doc in data:
-            rows.append({**doc.metadata, self.content_key: doc.text})
+            rows.append({**doc.metadata, self.content_key: doc.text,
+                         **({ID_COLUMN: doc.id} if self.keep_id else {})})
             size += len(doc.text)
             if size >= PART_BYTES:
                 flush()
@@ -232,8 +234,8 @@ class ReadTask(PipelineStep):
         import pyarrow.parquet as pq
         for path in sorted(Path(self.folder).glob(f"{rank:05d}_*.parquet")):
             for row in pq.read_table(path).to_pylist():
-                text = row.pop(self.content_key)
-                yield Document(text=text, id=str(row.get("id") or row.get("blob_id") or ""), metadata=row)
+                text, doc_id = row.pop(self.content_key), row.pop(ID_COLUMN)
+                yield Document(text=text, id=doc_id, metadata=row)
 
 
 class DropDuplicates(CountedStep):
