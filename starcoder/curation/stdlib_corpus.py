@@ -3,6 +3,7 @@ planted exact and near duplicates, secrets and HumanEval solutions, and their gr
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import random
@@ -18,7 +19,7 @@ def planted_secrets(rng: random.Random) -> dict[str, str]:
     alnum = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
     pick = lambda chars, k: "".join(rng.choice(chars) for _ in range(k))  # noqa: E731
     jwt_head = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"
-    jwt_body = "eyJzdWIiOiI" + pick(alnum, 8) + "In0"
+    jwt_body = base64.urlsafe_b64encode(json.dumps({"sub": pick(alnum, 10)}).encode()).decode().rstrip("=")
     body = "\n".join(pick(b64, 64) for _ in range(6))
     return {
         "aws_access_key": "AKIA" + pick(up, 16),
