@@ -31,7 +31,9 @@ from datatrove.utils.word_tokenizers import WordTokenizer
 
 from starcoder.curation.config import NearDedupConfig
 
+MERSENNE = np.uint64((1 << 61) - 1)
 NON_ALNUM = re.compile(r"[^A-Za-z_0-9]")
+ALNUM_BYTES = re.compile(rb"[A-Za-z_0-9]+")
 
 # The Stack column names (v1, then v2) of what the survivor rank reads.
 LICENSE_KEYS = ("max_stars_repo_licenses", "licenses", "detected_licenses", "license")
@@ -81,13 +83,30 @@ class CodeMinhashSignature(MinhashDedupSignature):
         self.min_tokens = cfg.min_tokens
 
     def get_shingles(self, text: str) -> np.ndarray:
-        tokens = code_tokens(text)
+        # On UTF-8 bytes: the same tokens as on text (non-ASCII characters separate either way),
+        # without encoding every 5-gram again for sha1.
+        tokens = ALNUM_BYTES.findall(text.encode("utf-8", "surrogatepass"))
         n = self.config.n_grams
         if len(tokens) < self.min_tokens:
             return np.empty((0, 1), dtype=np.uint64)  # datatrove writes no signature: never a dup
-        grams = {" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
-        return np.fromiter((self._hash_func(g) for g in grams), dtype=np.uint64,
-                           count=len(grams)).reshape((-1, 1))
+        grams = {b" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
+        # datatrove's sha1_hash32 (the first 4 digest bytes, little-endian), decoded in one call.
+        sha1 = hashlib.sha1
+        digests = b"".join([sha1(g).digest()[:4] for g in grams])
+        return np.frombuffer(digests, dtype="<u4").astype(np.uint64).reshape((-1, 1))
+
+    def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
+        """datatrove's values, (a*h + b) mod (2^61 - 1) on wrapping uint64, in blocks of 256
+        shingles: its one (shingles x 250) temporary fell out of cache and cost 10x."""
+        a, b = self.parameters
+        mins = np.full(self.num_hashes, np.iinfo(np.uint64).max, dtype=np.uint64)
+        for start in range(0, len(shingles), 256):
+            x = (shingles[start:start + 256] * a + b) % MERSENNE
+            if self.config.hash_config.precision == 32:
+                x &= np.uint64(self.config.hash_config.max)
+            np.minimum(mins, x.min(axis=0), out=mins)
+        mins = mins.astype(self.config.hash_config.np_dtype)
+        return [x.tolist() for x in np.split(mins, self.config.num_buckets)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -149,3 +149,22 @@ def test_exact_dedup_keeps_one_copy_by_rank(corpus):
     exact_kept = sorted(k for k in kept if k.startswith("x"))
     assert exact_kept == sorted(f"x{i}_5" for i in range(10))
     assert report["stages"]["exact_dedup"]["reasons"]["duplicate"] == 20
+
+
+def test_signatures_equal_datatroves_own_computation():
+    from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
+    from datatrove.utils.hashing import create_hash_func
+
+    from starcoder.curation.config import NearDedupConfig
+    from starcoder.curation.dedup import CodeMinhashSignature, minhash_config, _CodeTokenizer
+    ours = CodeMinhashSignature("/tmp/unused", NearDedupConfig())
+    theirs = MinhashDedupSignature("/tmp/unused", config=minhash_config(NearDedupConfig()),
+                                   language=_CodeTokenizer())
+    text = " ".join(random.Random(2).choices(WORDS, k=3000))
+    hashed = ours.get_shingles(text)
+    hash32 = create_hash_func(minhash_config(NearDedupConfig()).hash_config)
+    assert sorted(hashed[:, 0].tolist()) == sorted(hash32(g) for g in shingles(text))
+    assert len(hashed) > 1000  # several blocks of 256
+    assert ours.get_signature(hashed) == theirs.get_signature(hashed)
+
+
