@@ -54,7 +54,7 @@ def format_table(report: dict) -> str:
         if name == "read":
             bad = sum(s["reasons"].values())
             rows.append(f"{'read':<16}{'':>10}{s['docs_out']:>10}{'':>10}{s['bytes_out'] / 1e6:>10.2f}  "
-                        f"{bad} bad records" + (f" {s['reasons']}" if bad else ""))
+                        f"{bad} records skipped" + (f" {s['reasons']}" if bad else ""))
             continue
         details = ", ".join(f"{k} {v}" for k, v in list(s["reasons"].items())[:4])
         rows.append(f"{name:<16}{s['docs_in']:>10}{s['docs_out']:>10}{s['bytes_in'] / 1e6:>10.2f}"
