@@ -117,9 +117,15 @@ def curate(inputs: list[str], output: str, cfg: CurateConfig, executor: str = "l
     previous = None
     for name, pipeline, tasks in plan:
         previous = _executor(executor, cfg, name, pipeline, tasks, work / "logs" / name, previous)
-    previous.run()
     if executor == "slurm":
+        import subprocess
+        try:
+            previous.run()  # submits every stage, chained by dependencies
+        except (subprocess.CalledProcessError, FileNotFoundError) as err:
+            raise UserError(f"--executor slurm: sbatch failed ({err}); check run.slurm_partition, "
+                            f"run.slurm_mem_per_cpu_gb and run.slurm_time") from None
         return None
+    previous.run()
     return json.loads((output_path / "report.json").read_text())
 
 
