@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from starcoder.curation.config import load_curate_config
-    from starcoder.curation.pipeline import curate, format_table
+    from starcoder.curation.pipeline import curate
+    from starcoder.curation.report import format_table
 
     overrides = list(args.overrides)
     if args.workers is not None:

@@ -26,7 +26,7 @@ from datatrove.pipeline.base import PipelineStep
 from starcoder.config import ConfigError, UserError
 from starcoder.curation.config import CurateConfig
 from starcoder.curation.dedup import CodeMinhashSignature, DedupKeys, RankedClusters, minhash_config
-from starcoder.curation.report import build_report, format_table, plot_distributions
+from starcoder.curation.report import build_report, plot_distributions
 from starcoder.curation.steps import (Decontaminate, DropDuplicates, Measure, QualityFilters,
                                       ReadCorpus, ReadTask, RedactPII, Select, WriteParquet)
 
@@ -154,6 +154,3 @@ def _executor(kind: str, cfg: CurateConfig, name: str, pipeline: list, tasks: in
     return RayPipelineExecutor(pipeline, tasks=tasks, workers=r.workers, logging_dir=str(logs),
                                depends=depends, cpus_per_task=r.slurm_cpus_per_task,
                                mem_per_cpu_gb=r.slurm_mem_per_cpu_gb)
-
-
-
