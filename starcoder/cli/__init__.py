@@ -16,6 +16,7 @@ COMMANDS = {
     "train": ("train", "train a model (one process, or under torchrun / srun)"),
     "preprocess": ("preprocess", "tokenise a corpus into Megatron .bin/.idx files"),
     "convert": ("convert", "convert between native checkpoints and Hugging Face models"),
+    "curate": ("curate", "curate a code corpus: dedup, filters, PII redaction, decontamination"),
     "info": ("info", "print a model's architecture, parameter count and FLOPs per token"),
     "demo": ("demo", "the embedded default run: train tiny-sc2 on the Python stdlib, export, complete"),
 }

@@ -1,0 +1,1 @@
+"""The Stack's curation pipeline on datatrove: `from starcoder.curation import curate`."""
