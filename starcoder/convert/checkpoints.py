@@ -98,15 +98,25 @@ def read_config(step_dir: Path) -> Config:
     return load_config(Path(step_dir) / CONFIG_FILE)
 
 
-def iter_checkpoint_weights(step_dir: str | Path) -> tuple[Config, Iterator[tuple[str, torch.Tensor]]]:
-    """(config, iterator of (parameter name, full unpadded fp32 tensor)) from a step folder, one
-    tensor in memory at a time, without a process group."""
+def verify_step_folder(step_dir: str | Path) -> CheckpointReader:
+    """A reader of a step folder whose files and tensors match its manifest (checksums included);
+    a CheckpointError naming the folder otherwise."""
     step_dir = Path(step_dir)
     manifest = read_manifest(step_dir)
     raise_problem(step_dir, check_files(step_dir, manifest, sorted(manifest["files"])))
-    cfg = read_config(step_dir)
     reader = CheckpointReader(step_dir / DCP_DIR)
     raise_problem(step_dir, check_tensors(manifest, reader.read_metadata()))
+    return reader
+
+
+def iter_checkpoint_weights(step_dir: str | Path, verify: bool = True
+                            ) -> tuple[Config, Iterator[tuple[str, torch.Tensor]]]:
+    """(config, iterator of (parameter name, full unpadded fp32 tensor)) from a step folder, one
+    tensor in memory at a time, without a process group. `verify=False` when the caller has
+    already run `verify_step_folder`."""
+    step_dir = Path(step_dir)
+    reader = verify_step_folder(step_dir) if verify else CheckpointReader(step_dir / DCP_DIR)
+    cfg = read_config(step_dir)
     metadata = reader.read_metadata().state_dict_metadata
     names = [key[len("model."):] for key in metadata if key.startswith("model.")]
 

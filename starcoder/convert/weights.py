@@ -29,7 +29,7 @@ from starcoder.config import Config, TrainConfig, UserError
 from starcoder.convert import checkpoints
 from starcoder.convert.checkpoints import (DCP_DIR, VOCAB_PADDED, CheckpointReader, dcp_load,
                                            is_step_folder, iter_checkpoint_weights,
-                                           resolve_checkpoint)
+                                           resolve_checkpoint, verify_step_folder)
 from starcoder.convert.hf import hf_to_native, ignored_hf, model_config_from_hf, native_origins, native_to_hf
 from starcoder.convert.native import CONFIG_NAME, is_model_folder, iter_model_folder
 from starcoder.convert.native import read_config as read_native_config
@@ -163,6 +163,8 @@ def open_weights(path: str | Path) -> tuple[Path, str, Config]:
     """(folder, kind, config) of a readable folder whose tensors fit its config."""
     folder = resolve_folder(path)
     kind = folder_kind(folder)
+    if kind == "step":  # a corrupt checkpoint is named as such before its tensors are judged
+        verify_step_folder(folder)
     cfg = read_folder_config(folder, kind)
     check_folder(folder, kind, cfg)
     return folder, kind, cfg
@@ -177,7 +179,7 @@ def iter_weights(path: str | Path) -> tuple[Config, Iterator[tuple[str, torch.Te
     a training run folder or a checkpoint step folder."""
     folder, kind, cfg = open_weights(path)
     if kind == "step":
-        return iter_checkpoint_weights(folder)
+        return iter_checkpoint_weights(folder, verify=False)
     if kind == "native":
         return iter_model_folder(folder)
     return cfg, hf_to_native(cfg.model, iter_safetensors(folder))
