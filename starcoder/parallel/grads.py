@@ -54,11 +54,12 @@ def reduce_replicated_grads(model: nn.Module, grid: Grid) -> None:
 
 def grad_norm(params, grid: Grid) -> torch.Tensor:
     """The global L2 norm of all gradients (fp32 scalar, the same on every rank): each shard
-    counted once, each replicated tensor once (by the first rank of its copies), summed over the
-    tensor- and pipeline-parallel groups. Data-parallel gradients must already be reduced."""
+    counted once, each replicated tensor once (by the first rank of its copies; a tied
+    embedding's last-stage copy, `pipeline_copy`, not at all), summed over the tensor- and
+    pipeline-parallel groups. Data-parallel gradients must already be reduced."""
     params = [p for p in params if p.grad is not None]
     counted = [p.grad.detach().float().pow(2).sum() for p in params
-               if grid.tp_rank % tp_copies(p) == 0]
+               if grid.tp_rank % tp_copies(p) == 0 and not getattr(p, "pipeline_copy", False)]
     device = params[0].grad.device if params else torch.device("cpu")
     total = torch.stack(counted).sum() if counted else torch.zeros((), device=device)
     for dim, size in (("tp", grid.tp), ("pp", grid.pp)):
