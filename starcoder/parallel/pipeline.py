@@ -152,6 +152,9 @@ class Pipeline:
                                        self.loss, parallel.pipeline_parallel,
                                        parallel.virtual_pipeline)
         self.embedding_group = _embedding_group(grid, parallel) if model.cfg.tie_word_embeddings else None
+        for position, (name, param) in enumerate(model.named_parameters()):
+            param.pipeline_order = (_part_order(name), position)  # see grads._pipeline_grad_norm
+
 
     def step(self, inputs: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
         self.loss.scale, self.loss.sums = scale, []
@@ -238,3 +241,12 @@ def reduce_data_parallel_grads(params, grid: Grid) -> None:
         dist.all_reduce(flat, group=grid.group("dp"))
         for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             grad.copy_(reduced)
+
+
+def _part_order(name: str) -> tuple[int, int]:
+    """Where a parameter's part comes in the whole model: embedding, blocks by index, final
+    norm, output layer (the order `GPT.named_parameters` gives in one process)."""
+    part, _, rest = name.partition(".")
+    if part == "blocks":
+        return 1, int(rest.split(".", 1)[0])
+    return {"embedding": (0, 0), "final_norm": (2, 0), "head": (3, 0)}[part]

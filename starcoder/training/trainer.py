@@ -168,6 +168,12 @@ class Trainer:
         self.ddp = self.model
         self.pipeline = None
         if self.grid.pp > 1:  # data-parallel gradients are summed after the schedule instead
+            if t.eval_every and cfg.parallel.pipeline_schedule == "zero_bubble" and \
+                    cfg.parallel.virtual_pipeline == 2:
+                raise ConfigError("train.eval_every: validation cannot run under the ZB-V schedule "
+                                  "(parallel.pipeline_schedule zero_bubble at virtual_pipeline 2: "
+                                  "torch 2.13 fails its forward-only run); set 0, or use another "
+                                  "schedule")
             self.pipeline = Pipeline(self.model, cfg.parallel, self.grid, self.accum, self.device)
         elif self.grid.dp > 1:
             self.ddp = DistributedDataParallel(
