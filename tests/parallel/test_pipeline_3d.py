@@ -4,9 +4,16 @@ that reshard across stages. One 4-rank and one 8-rank gloo world (each started o
 4 ranks: PP 4 (1f1b), TP 2 x PP 2 with SP, PP 2 x DP 2 with the distributed optimizer.
 8 ranks: TP 2 x PP 2 x DP 2, saved at step 5 and resumed at TP 1 x PP 4 x DP 2, TP 4 x PP 1 x
 DP 2 and in one process; its checkpoint exported to Hugging Face. tiny-sc1 (tied, MQA).
+Real processes: SIGKILL at TP 2 x PP 2 and restart.
 """
 
 from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -17,10 +24,11 @@ from starcoder.cli import main as starcoder_main
 from starcoder.convert.checkpoints import latest_checkpoint, read_state
 from starcoder.training.trainer import train
 from tests.distributed import World
-from tests.parallel.pipeline_helpers import (TOL, close, config, copies_differ, grad_norms,
-                                             layout, matches, resume_from, train_losses,
-                                             train_rank)
-from tests.training.helpers import make_corpus
+from tests.parallel.pipeline_helpers import (PRESET_SETS, SMALL, TOL, close, config, copies_differ,
+                                             grad_norms, layout, matches, resume_from,
+                                             train_losses, train_rank)
+from tests.training.helpers import make_corpus, metrics
+from tests.training.test_launch import free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,3 +113,51 @@ def test_a_pipeline_checkpoint_exports_to_hugging_face(runs8, tmp_path):
         ref = hf(ids).logits
         assert ref.std() > 0.1
         assert (ours(ids) - ref).abs().max() <= 1e-4
+
+
+def _launch(code: str, run, port: str) -> list[subprocess.Popen]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": port}
+    return [subprocess.Popen([sys.executable, "-c", code],
+                             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for r in range(4)]
+
+
+def test_sigkill_mid_run_at_tp2_pp2_then_restart_is_bit_identical(runs4, corpus, root):
+    """Four real processes at TP 2 x PP 2 kill themselves (SIGKILL) in step 8, after the
+    checkpoint of step 5; a restart from it logs what the uninterrupted 4-rank run logged."""
+    run = root / "killed"
+    args = ["train", "--config", PRESET]
+    for item in [*SMALL, *PRESET_SETS[PRESET], f"data.paths=[{corpus}]", f"train.output_dir={run}",
+                 *CASES_4["tp2-pp2-sp"]]:
+        args += ["--set", item]
+    killer = textwrap.dedent(f"""
+        import os, signal, sys
+        from starcoder.training import trainer
+        real = trainer.Trainer.train_step
+        def train_step(self, micro_batches, lr):
+            if self.state.step == 7:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(self, micro_batches, lr)
+        trainer.Trainer.train_step = train_step
+        from starcoder.cli import main
+        sys.exit(main({args!r}))
+    """)
+    restart = f"import sys\nfrom starcoder.cli import main\nsys.exit(main({args!r}))"
+    for code, expected in ((killer, -signal.SIGKILL), (restart, 0)):
+        procs = _launch(code, run, str(free_port()))
+        try:
+            outputs = [p.communicate(timeout=300)[0] for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        assert [p.returncode for p in procs] == [expected] * 4, outputs
+        if expected:
+            assert latest_checkpoint(run).name == "step_0000005"
+    assert "resumed from" in outputs[0]
+    keys = ("step", "loss", "grad_norm", "lr", "val_loss")
+    reference, _ = runs4["tp2-pp2-sp"]
+    assert [[r.get(k) for k in keys] for r in metrics(run)] == \
+        [[r.get(k) for k in keys] for r in metrics(reference)]
