@@ -15,7 +15,8 @@ from tests.training.helpers import make_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# name: (preset, parallel settings, bit-identical to one process)
+# name: (preset, parallel settings, bit-identical to one process); the reference is the preset in
+# one process with the settings that are not parallel.*
 CASES = {
     "1f1b": ("tiny-sc2", layout(1, 2, "parallel.pipeline_schedule=1f1b"), True),
     "gpipe": ("tiny-sc2", layout(1, 2, "parallel.pipeline_schedule=gpipe"), True),
@@ -26,7 +27,14 @@ CASES = {
                                   "parallel.virtual_pipeline=2", "train.eval_every=0"), False),
     "tied-1f1b": ("tiny-sc1", layout(1, 2), False),
     "tied-interleaved-v2": ("tiny-sc1", layout(1, 2, "parallel.virtual_pipeline=2"), False),
+    "recompute-full": ("tiny-sc2", layout(1, 2, "model.recompute=full"), True),
+    "fp16-loss-scale": ("tiny-sc2", layout(1, 2, "train.precision=fp16",
+                                           "train.initial_loss_scale=1024"), False),
 }
+
+
+def reference_sets(name: str) -> tuple[str, ...]:
+    return tuple(x for x in CASES[name][1] if not x.startswith("parallel."))
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +43,11 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("pp2")
     corpus = make_corpus(root / "corpus")
     out = {}
-    for preset in ("tiny-sc1", "tiny-sc2"):
-        train(config(preset, corpus, root / preset))
-        out[preset] = root / preset
+    for name, (preset, _, _) in CASES.items():
+        key = preset, reference_sets(name)
+        if key not in out:
+            out[key] = root / f"reference-{len(out)}"
+            train(config(preset, corpus, out[key], *key[1]))
     with World(2) as world:
         for name, (preset, sets, _) in CASES.items():
             out[name] = root / name, world.run(train_rank, preset, corpus, str(root / name), sets)
@@ -48,7 +58,7 @@ def runs(tmp_path_factory):
 def test_pipeline_gives_the_single_process_numbers(runs, name):
     preset, _, exact = CASES[name]
     folder, _ = runs[name]
-    ref = runs[preset]
+    ref = runs[preset, reference_sets(name)]
     assert train_losses(ref)[-1] < train_losses(ref)[0] - 1.0  # it does train
     assert matches(folder, ref, 0.0 if exact else PP_TOL, validation=name != "zbv-v2")
 
