@@ -11,7 +11,7 @@ from starcoder.training.trainer import train
 from tests.distributed import World
 from tests.parallel.pipeline_helpers import (PP_TOL, config, copies_differ, layout, matches,
                                              train_losses, train_rank)
-from tests.training.helpers import make_corpus
+from tests.training.helpers import make_corpus, metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,6 +60,8 @@ def test_pipeline_gives_the_single_process_numbers(runs, name):
     folder, _ = runs[name]
     ref = runs[preset, reference_sets(name)]
     assert train_losses(ref)[-1] < train_losses(ref)[0] - 1.0  # it does train
+    if name == "fp16-loss-scale":  # the scaled loss went through the schedule
+        assert metrics(folder)[-1]["loss_scale"] == 1024.0
     assert matches(folder, ref, 0.0 if exact else PP_TOL, validation=name != "zbv-v2")
 
 
