@@ -155,7 +155,6 @@ class Pipeline:
         for position, (name, param) in enumerate(model.named_parameters()):
             param.pipeline_order = (_part_order(name), position)  # see grads._pipeline_grad_norm
 
-
     def step(self, inputs: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
         self.loss.scale, self.loss.sums = scale, []
         self.schedule.step(*([inputs] if self.first else []),
