@@ -108,6 +108,12 @@ class ModelConfig:
 class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    # Blocks per pipeline stage, in stage order (P x V entries summing to model.num_layers);
+    # None splits evenly. Megatron-style uneven stages give the embedding / head stages fewer.
+    pipeline_layers: Optional[list[int]] = None
+    virtual_pipeline: int = 1  # model chunks per pipeline rank (interleaved / zero-bubble)
+    # auto: interleaved when virtual_pipeline > 1, else 1f1b. zero_bubble: ZB-V placement at V 2.
+    pipeline_schedule: Literal["auto", "1f1b", "interleaved", "zero_bubble", "gpipe"] = "auto"
     sequence_parallel: bool = False
     # Shard optimizer state across data-parallel ranks (ZeRO-1, Megatron's distributed optimizer).
     distributed_optimizer: bool = False
@@ -414,8 +420,7 @@ def _validate(cfg: Config) -> None:
          f"the FFN size ({m.ffn_size}) is not divisible by {tp}")
     need(m.num_query_groups % tp == 0 or tp % m.num_query_groups == 0, "parallel.tensor_parallel",
          f"{tp} must divide model.num_query_groups ({m.num_query_groups}) or be a multiple of it")
-    need(m.num_layers % p.pipeline_parallel == 0, "parallel.pipeline_parallel",
-         f"model.num_layers ({m.num_layers}) is not divisible by {p.pipeline_parallel}")
+    _check_pipeline(p, m.num_layers, need)
     need(not p.sequence_parallel or t.seq_length % tp == 0, "parallel.sequence_parallel",
          f"train.seq_length ({t.seq_length}) must be divisible by parallel.tensor_parallel ({tp})")
 
@@ -459,3 +464,32 @@ def _check_split(split: str) -> None:
         raise ConfigError(f"data.split: expected numbers like '98,2,0', got {split!r}") from None
     if len(weights) > 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ConfigError(f"data.split: expected up to three non-negative weights, got {split!r}")
+
+
+def _check_pipeline(p: ParallelConfig, num_layers: int, need) -> None:
+    """Layouts the pipeline cannot run fail here, naming the key. The micro-batch count (which
+    depends on the data-parallel size) is checked when the trainer starts."""
+    pp, v = p.pipeline_parallel, p.virtual_pipeline
+    need(v >= 1, "parallel.virtual_pipeline", f"must be at least 1, got {v}")
+    need(v == 1 or pp > 1, "parallel.virtual_pipeline",
+         f"{v} model chunks per rank need parallel.pipeline_parallel > 1")
+    stages = pp * v
+    if p.pipeline_layers is None:
+        need(num_layers % stages == 0, "parallel.pipeline_parallel",
+             f"model.num_layers ({num_layers}) does not split evenly into pipeline_parallel x "
+             f"virtual_pipeline ({pp} x {v}) stages; set parallel.pipeline_layers")
+    else:
+        layers = p.pipeline_layers
+        need(len(layers) == stages, "parallel.pipeline_layers",
+             f"needs one entry per stage (pipeline_parallel x virtual_pipeline = {stages}), "
+             f"got {len(layers)}")
+        need(all(n >= 1 for n in layers), "parallel.pipeline_layers",
+             f"every stage needs at least one block, got {layers}")
+        need(sum(layers) == num_layers, "parallel.pipeline_layers",
+             f"{layers} sums to {sum(layers)}, not model.num_layers ({num_layers})")
+    schedule = p.pipeline_schedule
+    need(schedule != "interleaved" or v > 1, "parallel.pipeline_schedule",
+         "interleaved needs parallel.virtual_pipeline > 1")
+    need(schedule not in ("1f1b", "gpipe") or v == 1, "parallel.pipeline_schedule",
+         f"{schedule} runs one model chunk per rank (parallel.virtual_pipeline 1, got {v}); "
+         "use interleaved or zero_bubble")

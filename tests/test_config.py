@@ -56,7 +56,7 @@ BAD = [
     (["model.position_embedding=learned"], "model.position_embedding: starcoder2 uses rope"),
     (["parallel.tensor_parallel=3"], "parallel.tensor_parallel: model.num_attention_heads (8) is not divisible by 3"),
     (["parallel.tensor_parallel=0"], "parallel.tensor_parallel: must be at least 1"),
-    (["parallel.pipeline_parallel=3"], "parallel.pipeline_parallel: model.num_layers (4) is not divisible by 3"),
+    (["parallel.pipeline_parallel=3"], "parallel.pipeline_parallel: model.num_layers (4) does not split evenly"),
     (["train.seq_length=512"], "train.seq_length: 512 exceeds model.max_position_embeddings (256)"),
     (["train.global_batch_size=10", "train.micro_batch_size=4"],
      "train.global_batch_size: 10 is not divisible by train.micro_batch_size (4)"),

@@ -54,16 +54,43 @@ def reduce_replicated_grads(model: nn.Module, grid: Grid) -> None:
 
 def grad_norm(params, grid: Grid) -> torch.Tensor:
     """The global L2 norm of all gradients (fp32 scalar, the same on every rank): each shard
-    counted once, each replicated tensor once (by the first rank of its copies), summed over the
-    tensor- and pipeline-parallel groups. Data-parallel gradients must already be reduced."""
+    counted once, each replicated tensor once (by the first rank of its copies; a tied
+    embedding's last-stage copy, `pipeline_copy`, not at all), summed over the tensor- and
+    pipeline-parallel groups. Data-parallel gradients must already be reduced."""
     params = [p for p in params if p.grad is not None]
+    if grid.pp > 1:
+        return _pipeline_grad_norm(params, grid)
     counted = [p.grad.detach().float().pow(2).sum() for p in params
                if grid.tp_rank % tp_copies(p) == 0]
     device = params[0].grad.device if params else torch.device("cpu")
     total = torch.stack(counted).sum() if counted else torch.zeros((), device=device)
-    for dim, size in (("tp", grid.tp), ("pp", grid.pp)):
-        if size > 1:
-            dist.all_reduce(total, group=grid.group(dim))
+    if grid.tp > 1:
+        dist.all_reduce(total, group=grid.group("tp"))
+    return total.sqrt()
+
+
+def _pipeline_grad_norm(params, grid: Grid) -> torch.Tensor:
+    """The norm over pipeline stages: each stage's per-parameter squared norms are gathered and
+    summed in the whole model's parameter order (`pipeline_order`, set by the pipeline), so PP
+    alone gives the single-process norm bit for bit. Under TP the per-parameter values are first
+    summed over the tensor-parallel group (copies held by several TP ranks count once)."""
+    if grid.tp == 1:
+        params = [p for p in params if not getattr(p, "pipeline_copy", False)]
+    squares = [p.grad.detach().float().pow(2).sum() for p in params]
+    if grid.tp > 1:
+        for i, p in enumerate(params):
+            if grid.tp_rank % tp_copies(p) or getattr(p, "pipeline_copy", False):
+                squares[i] = torch.zeros_like(squares[i])
+        if squares:
+            stacked = torch.stack(squares)
+            dist.all_reduce(stacked, group=grid.group("tp"))
+            squares = list(stacked.unbind())
+    device = params[0].grad.device if params else torch.device("cpu")
+    mine = [(p.pipeline_order, s.cpu()) for p, s in zip(params, squares)]
+    stages = [None] * grid.pp
+    dist.all_gather_object(stages, mine, group=grid.group("pp"))
+    ordered = sorted((entry for stage in stages for entry in stage), key=lambda e: e[0])
+    total = torch.stack([s for _, s in ordered]).to(device).sum() if ordered else torch.zeros((), device=device)
     return total.sqrt()
 
 

@@ -64,7 +64,8 @@ def init_grid(parallel: ParallelConfig, device_type: str = "cpu") -> Grid:
     """Build the grid over the default process group (or a trivial one without torch.distributed)."""
     if not (dist.is_available() and dist.is_initialized()):
         if parallel.tensor_parallel * parallel.pipeline_parallel != 1:
-            raise ConfigError("parallel.tensor_parallel: needs a distributed launch "
+            key = "tensor_parallel" if parallel.tensor_parallel > 1 else "pipeline_parallel"
+            raise ConfigError(f"parallel.{key}: needs a distributed launch "
                               "(torchrun or srun) with at least that many processes")
         return Grid()
     world, rank = dist.get_world_size(), dist.get_rank()

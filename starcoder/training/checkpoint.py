@@ -238,7 +238,12 @@ def load_checkpoint(step_dir: Path, model: nn.Module, optimizer, grid: Grid,
     step_dir = Path(step_dir)
     state = read_state(step_dir)
     reader = CheckpointReader(step_dir / DCP_DIR, metadata)
-    repadded = _check_shapes(model, reader.read_metadata(), read_config(step_dir), cfg, step_dir)
+    repadded = _check_shapes(model, reader.read_metadata(), read_config(step_dir), cfg, step_dir,
+                             stage=grid.pp > 1)
+    if grid.pp > 1:  # re-padded reads are collective: every stage walks every stage's names
+        everyone = [None] * grid.world_size
+        dist.all_gather_object(everyone, sorted(repadded))
+        repadded = set().union(*everyone)
     tensors = {**model_tensors(model, grid), **optimizer_tensors(optimizer, model, grid)}
     stored = reader.read_metadata().state_dict_metadata
     for key in [k for k in tensors if _of_vocab(k, repadded, stored)]:
@@ -279,12 +284,12 @@ def _load_repadded(names: set[str], model: nn.Module, optimizer, reader: Checkpo
     params = dict(model.named_parameters())
     states = optimizer_state(optimizer, model)
     for name in sorted(names):
-        param = params[name]
-        mine = {f"model.{name}": param.detach()}
+        param = params.get(name)  # None on pipeline stages without this tensor
+        mine = {} if param is None else {f"model.{name}": param.detach()}
         mine.update({f"optim.{name}.{k}": v for k, v in states.get(name, {}).items()
                      if torch.is_tensor(v) and v.shape == param.shape})
         start = getattr(param, "shard_slices", (slice(0, None),))[0].start or 0
-        real = max(0, min(param.shape[0], vocab_size - start))  # real rows in this rank's part
+        real = max(0, min(param.shape[0] if param is not None else 0, vocab_size - start))
         for key in sorted(k for k in metadata if _of_vocab(k, {name}, metadata)):
             meta = metadata[key]
             whole = {key: torch.empty(meta.size, dtype=meta.properties.dtype)} if key in mine else {}
@@ -294,12 +299,16 @@ def _load_repadded(names: set[str], model: nn.Module, optimizer, reader: Checkpo
                 mine[key][real:].zero_()
 
 
-def _check_shapes(model: nn.Module, metadata, saved: Config, cfg: Config, step_dir: Path) -> set[str]:
+def _check_shapes(model: nn.Module, metadata, saved: Config, cfg: Config, step_dir: Path,
+                  stage: bool = False) -> set[str]:
     """A model that does not fit the checkpoint is a config error naming the first differing key.
-    Returns the vocabulary tensors stored at another padding of the same vocabulary."""
+    Returns the vocabulary tensors stored at another padding of the same vocabulary. A pipeline
+    `stage` holds part of the model: it is checked against those parts of the checkpoint."""
     stored = {k[len("model."):]: tuple(v.size) for k, v in metadata.state_dict_metadata.items()
               if k.startswith("model.")}
     wanted = {n: tuple(getattr(p, "full_shape", p.shape)) for n, p in model.named_parameters()}
+    if stage:
+        stored = {n: s for n, s in stored.items() if n in wanted}
     repadded = set()
     if saved.model.vocab_size == cfg.model.vocab_size:
         repadded = {n for n in VOCAB_PADDED if n in stored and n in wanted

@@ -44,8 +44,9 @@ from starcoder.data import build_train_loader, build_valid_loader, load_tokenize
 from starcoder.models.flops import model_flops_per_token
 from starcoder.models.gpt import GPT
 from starcoder.models.init import init_weights
-from starcoder.parallel import (Grid, any_nonfinite, clip_grad_norm_, grad_norm, init_grid,
-                                materialize, parallelize, reduce_replicated_grads)
+from starcoder.parallel import (Grid, Pipeline, any_nonfinite, clip_grad_norm_, grad_norm,
+                                init_grid, materialize, parallelize, reduce_data_parallel_grads,
+                                reduce_replicated_grads, split_model)
 from starcoder.convert.checkpoints import read_config
 from starcoder.training.checkpoint import (find_resume, load_checkpoint, remove_partial,
                                            save_checkpoint, warn_changed_settings)
@@ -100,10 +101,10 @@ def train(cfg: Config, stop: StopRequest | None = None) -> TrainState:
 
 
 def check_supported(cfg: Config) -> None:
-    p = cfg.parallel
-    if p.pipeline_parallel > 1:
-        raise ConfigError("parallel.pipeline_parallel: pipeline parallelism is not available in "
-                          f"the trainer yet (got {p.pipeline_parallel}); use 1")
+    if cfg.train.init_from and cfg.parallel.pipeline_parallel > 1:
+        raise ConfigError("train.init_from: not available under pipeline parallelism yet (each "
+                          "stage would need only its part of the weights); initialise at "
+                          "pipeline_parallel 1, save, and resume at this layout")
     if cfg.data.tokenizer is None:
         raise ConfigError("data.tokenizer: required for training (a tokenizer.json, a folder "
                           "holding one, or builtin:tiny)")
@@ -113,12 +114,14 @@ def check_supported(cfg: Config) -> None:
 
 
 def build_model(cfg: Config, grid: Grid, device: torch.device) -> GPT:
-    """The model for this rank: built on the meta device, split for tensor parallelism, then
-    materialised and initialised (each full tensor drawn from the seed, then sliced, so every
-    layout starts from the same weights)."""
+    """The model for this rank: built on the meta device, split for tensor parallelism, cut to
+    this rank's pipeline stages, then materialised and initialised (each full tensor drawn from
+    the seed, then sliced, so every layout starts from the same weights)."""
     with torch.device("meta"):
         model = GPT(cfg.model, padded_vocab_size=cfg.model.padded_vocab_size(grid.tp))
         parallelize(model, grid)  # collective; nothing to do at tensor parallel 1
+        if grid.pp > 1:
+            split_model(model, cfg.parallel, grid.pp_rank)
     materialize(model, device)
     init_weights(model, cfg.model, cfg.train.seed)
     model.set_kernels(cfg.model.kernels, device)
@@ -189,7 +192,16 @@ class Trainer:
             log.info("initialised weights from %s", t.init_from)
 
         self.ddp = self.model
-        if self.grid.dp > 1:
+        self.pipeline = None
+        if self.grid.pp > 1:  # data-parallel gradients are summed after the schedule instead
+            if t.eval_every and cfg.parallel.pipeline_schedule == "zero_bubble" and \
+                    cfg.parallel.virtual_pipeline == 2:
+                raise ConfigError("train.eval_every: validation cannot run under the ZB-V schedule "
+                                  "(parallel.pipeline_schedule zero_bubble at virtual_pipeline 2: "
+                                  "torch 2.13 fails its forward-only run); set 0, or use another "
+                                  "schedule")
+            self.pipeline = Pipeline(self.model, cfg.parallel, self.grid, self.accum, self.device)
+        elif self.grid.dp > 1:
             self.ddp = DistributedDataParallel(
                 self.model, process_group=self.grid.group("dp"),
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -239,18 +251,10 @@ class Trainer:
         # fp16 logit gradients to zero at StarCoder2-15B shapes (0.5% this way).
         scale = self.scaler.scale / max(mask_sum, 1.0)
         self.token_share = mask_sum / max(count, 1.0)  # read by the DDP hook
-        loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
-        for i, mb in enumerate(micro_batches):
-            tokens = mb["tokens"].to(self.device, non_blocking=True)
-            mask = mb["loss_mask"].to(self.device, non_blocking=True)
-            last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
-            with sync:
-                with autocast(self.precision, self.device):
-                    losses = self.ddp(tokens[:, :-1], tokens[:, 1:])
-                summed = (losses * mask).sum()
-                (summed * scale).backward()
-            loss_sum += summed.detach()
+        if self.pipeline is None:
+            loss_sum = self._forward_backward(micro_batches, scale)
+        else:
+            loss_sum = self._forward_backward_pipeline(micro_batches, scale)
         loss = self._dp_sum(loss_sum) / max(count, 1.0)
         if self.grid.tp > 1:
             reduce_replicated_grads(self.model, self.grid)
@@ -266,6 +270,44 @@ class Trainer:
         self.scaler.update(not skip)
         self.optimizer.zero_grad(set_to_none=True)
         return loss.item(), norm.item()
+
+    def _forward_backward(self, micro_batches: list[dict], scale: float) -> torch.Tensor:
+        """Forward and backward of each micro-batch in turn (DDP sums the data-parallel gradients
+        in the last backward); returns this rank's sum of token losses."""
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for i, mb in enumerate(micro_batches):
+            tokens = mb["tokens"].to(self.device, non_blocking=True)
+            mask = mb["loss_mask"].to(self.device, non_blocking=True)
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
+            with sync:
+                with autocast(self.precision, self.device):
+                    losses = self.ddp(tokens[:, :-1], tokens[:, 1:])
+                summed = (losses * mask).sum()
+                (summed * scale).backward()
+            loss_sum += summed.detach()
+        return loss_sum
+
+    def _forward_backward_pipeline(self, micro_batches: list[dict], scale: float) -> torch.Tensor:
+        """The step's micro-batches through the pipeline schedule, then the data-parallel and
+        tied-embedding gradient sums; returns the sum of token losses (held by the last stage,
+        summed over the pipeline group so every rank has it)."""
+        inputs, labels = self._pipeline_batch(micro_batches)
+        with autocast(self.precision, self.device):
+            loss_sum = self.pipeline.step(inputs, labels, scale)
+        reduce_data_parallel_grads(self.params, self.grid, weight=self.token_share)
+        self.pipeline.reduce_tied_grads()
+        dist.all_reduce(loss_sum, group=self.grid.group("pp"))
+        return loss_sum
+
+    def _pipeline_batch(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's micro-batches as one batch the schedule splits again: input ids, and labels
+        with masked-out positions set to -100 (their loss is then exactly 0, as the
+        single-process loop's loss x mask)."""
+        tokens = torch.cat([mb["tokens"] for mb in micro_batches]).to(self.device)
+        mask = torch.cat([mb["loss_mask"] for mb in micro_batches]).to(self.device)
+        labels = tokens[:, 1:].masked_fill(mask == 0, -100)
+        return tokens[:, :-1].contiguous(), labels
 
     def _account(self, loss: float, norm: float) -> None:
         """Advance the step; log, and count or stop on, non-finite steps."""
@@ -316,13 +358,16 @@ class Trainer:
             return math.nan
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for mb in islice(loader, cfg.train.eval_steps * self.accum):
-            tokens = mb["tokens"].to(self.device)
-            mask = mb["loss_mask"].to(self.device)
-            with autocast(self.precision, self.device):
-                losses = self.model(tokens[:, :-1], tokens[:, 1:])
-            totals[0] += (losses * mask).sum()
-            totals[1] += mask.sum()
+        if self.pipeline is None:
+            for mb in islice(loader, cfg.train.eval_steps * self.accum):
+                tokens = mb["tokens"].to(self.device)
+                mask = mb["loss_mask"].to(self.device)
+                with autocast(self.precision, self.device):
+                    losses = self.model(tokens[:, :-1], tokens[:, 1:])
+                totals[0] += (losses * mask).sum()
+                totals[1] += mask.sum()
+        else:
+            self._evaluate_pipeline(iter(loader), totals)
         self.model.train()
         loss_sum, count = self._dp_sum(totals).tolist()
         loss = loss_sum / count if count else math.nan
@@ -330,6 +375,21 @@ class Trainer:
                          "val_ppl": math.exp(min(loss, 50.0))})
         self._restart_interval()
         return loss
+
+    def _evaluate_pipeline(self, batches, totals: torch.Tensor) -> None:
+        """Forward-only schedule runs of one step's micro-batches each; the last stage's loss sums
+        are summed over the pipeline group into totals[0]."""
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for _ in range(self.cfg.train.eval_steps):
+            micro_batches = list(islice(batches, self.accum))
+            if len(micro_batches) < self.accum:
+                break
+            inputs, labels = self._pipeline_batch(micro_batches)
+            with autocast(self.precision, self.device):
+                loss_sum += self.pipeline.evaluate(inputs, labels)
+            totals[1] += sum(mb["loss_mask"].sum() for mb in micro_batches)
+        dist.all_reduce(loss_sum, group=self.grid.group("pp"))
+        totals[0] += loss_sum[0]
 
     def save(self) -> Path:
         start = time.perf_counter()
