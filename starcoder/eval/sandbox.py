@@ -19,12 +19,12 @@ file-size limit does not apply to pipes.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +34,6 @@ from typing import Callable, Sequence
 
 from starcoder.config import UserError
 
-log = logging.getLogger(__name__)
 NOBODY = 65534
 INSIDE = "/tmp/work"
 
@@ -71,8 +70,8 @@ class Sandbox:
         self.scratch_root = scratch_root
         self.as_root = os.geteuid() == 0
         if unsafe_no_sandbox:
-            log.warning("WARNING: --unsafe-no-sandbox: generated programs run as this user with "
-                        "only rlimits and a timeout; they can read, write and reach what you can")
+            print("WARNING: --unsafe-no-sandbox: generated programs run as this user with only "
+                  "rlimits and a timeout; they can read, write and reach what you can", file=sys.stderr)
 
     def check(self) -> None:
         """Raise SandboxUnavailable (one line) unless a program can run in the sandbox."""

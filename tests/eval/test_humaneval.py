@@ -21,6 +21,15 @@ BROKEN = "    raise ValueError('deliberately broken')\n"
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """`starcoder ARGS` in this process: (exit code, stdout, stderr)."""
+    from starcoder.cli import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def starcoder_cli(*args, env=None, cwd=None):
     """The CLI of this checkout, in a subprocess (exit codes and stderr as a user sees them)."""
     env = {**(env or os.environ), "PYTHONPATH": str(ROOT)}
@@ -149,11 +158,11 @@ def test_eval_with_a_model_then_resume_after_interruption(sandbox, tiny_models, 
         run_humaneval(tmp_path / "run", opts, [1], sandbox, gen, "another")
 
 
-def test_cli_end_to_end_with_limit(sandbox, tiny_models, tmp_path):
-    r = starcoder_cli("eval", "humaneval", "--model", tiny_models["sc1"]["native"], "--limit", 2,
-                      "--max-new-tokens", 8, "--output", tmp_path / "e")
-    assert r.returncode == 0, r.stderr
-    assert "pass@1" in r.stdout and "pass@10" not in r.stdout
+def test_cli_end_to_end_with_limit(sandbox, tiny_models, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "eval", "humaneval", "--model", tiny_models["sc1"]["native"],
+                             "--limit", 2, "--max-new-tokens", 8, "--output", tmp_path / "e")
+    assert code == 0, err
+    assert "pass@1" in out and "pass@10" not in out and "execute" in err  # with a progress bar
     assert len((tmp_path / "e" / "samples.jsonl").read_text().splitlines()) == 2
 
 
@@ -165,15 +174,16 @@ def test_cli_end_to_end_with_limit(sandbox, tiny_models, tmp_path):
     (["--samples", "bad.jsonl", "--model", "m"], "give exactly one"),
     (["--samples", "bad.jsonl", "--limit", "0"], "--limit: must be at least 1"),
 ])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, args, words):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, words, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.jsonl").write_text('{"task_id": "HumanEval/0", "completion": ""}\nnot json\n')
-    r = starcoder_cli("eval", "humaneval", *args, "--unsafe-no-sandbox", cwd=tmp_path)
-    assert r.returncode == 2, r.stderr
-    assert words in r.stderr and "Traceback" not in r.stderr
-    assert len([x for x in r.stderr.splitlines() if x.startswith("error:")]) == 1
+    code, _, err = run_cli(capsys, "eval", "humaneval", *args, "--unsafe-no-sandbox")
+    assert code == 2, err
+    assert words in err and "Traceback" not in err
+    assert [x for x in err.splitlines() if x.startswith("error:")] == [err.strip().splitlines()[-1]]
 
 
-def test_without_bubblewrap_it_refuses_unless_unsafe(tmp_path):
+def test_without_bubblewrap_it_refuses_unless_unsafe(tmp_path, capsys, monkeypatch):
     problems = load_problems(1)
     path = write_jsonl(tmp_path / "s.jsonl", [{"task_id": problems[0]["task_id"],
                                               "completion": problems[0]["canonical_solution"]}])
@@ -181,9 +191,10 @@ def test_without_bubblewrap_it_refuses_unless_unsafe(tmp_path):
     bare.mkdir()
     (bare / "python3").symlink_to("/usr/bin/python3")
     (bare / "prlimit").symlink_to("/usr/bin/prlimit")
-    env = {**os.environ, "PATH": str(bare)}
-    r = starcoder_cli("eval", "humaneval", "--samples", path, "--limit", 1, env=env)
-    assert r.returncode == 2 and "bwrap" in r.stderr and "--unsafe-no-sandbox" in r.stderr
-    r = starcoder_cli("eval", "humaneval", "--samples", path, "--limit", 1, "--unsafe-no-sandbox", env=env)
-    assert r.returncode == 0, r.stderr
-    assert "WARNING" in r.stderr and "100.00%" in r.stdout
+    monkeypatch.setenv("PATH", str(bare))
+    code, _, err = run_cli(capsys, "eval", "humaneval", "--samples", path, "--limit", 1)
+    assert code == 2 and "bwrap" in err and "--unsafe-no-sandbox" in err
+    code, out, err = run_cli(capsys, "eval", "humaneval", "--samples", path, "--limit", 1,
+                             "--unsafe-no-sandbox")
+    assert code == 0, err
+    assert "WARNING" in err and "100.00%" in out
