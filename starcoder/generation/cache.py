@@ -14,9 +14,13 @@ import torch
 
 
 class KVCache:
-    def __init__(self, pad: torch.Tensor, capacity: int, window: int | None = None):
-        """`pad`: [batch] left padding per row; `capacity`: positions the timeline will reach."""
+    def __init__(self, pad: torch.Tensor, capacity: int, window: int | None = None,
+                 max_position: int | None = None):
+        """`pad`: [batch] left padding per row; `capacity`: positions the timeline will reach;
+        `max_position`: the model's position limit (rows that finished early and are still fed
+        along with the others stay below it; their outputs are not used)."""
         self.pad = pad
+        self.max_position = max_position
         self.window = window
         self.size = capacity if window is None else min(window, capacity)
         self.length = 0  # positions written so far (the same for every row)
@@ -33,7 +37,8 @@ class KVCache:
     def positions(self, seq: int) -> torch.Tensor:
         """[batch, seq] position of each new token within its own row (padding clamps to 0)."""
         t = torch.arange(self.length, self.length + seq, device=self.pad.device)
-        return (t[None, :] - self.pad[:, None]).clamp(min=0)
+        top = None if self.max_position is None else self.max_position - 1
+        return (t[None, :] - self.pad[:, None]).clamp(0, top)
 
     def advance(self, seq: int) -> None:
         """Call after each forward: `seq` new positions are now stored."""

@@ -38,7 +38,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: Sequen
     pad = torch.tensor([longest - len(p) for p in prompts], device=device)
     out: list[list[int]] = [[] for _ in prompts]
     done = [n <= 0 for n in max_new_tokens]
-    cache = KVCache(pad, longest + steps, model.cfg.sliding_window) if use_cache else None
+    limit = model.cfg.max_position_embeddings
+    cache = KVCache(pad, longest + steps, model.cfg.sliding_window, limit) if use_cache else None
     sequence = ids
     logits = _last_logits(model, ids, cache, pad)
     for _ in range(steps):
@@ -63,7 +64,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: Sequen
 
 def _last_logits(model, ids: torch.Tensor, cache: KVCache | None, pad: torch.Tensor) -> torch.Tensor:
     if cache is None:  # full recompute: a fresh cache per call gives the padding its mask
-        cache_once = KVCache(pad, ids.shape[1], model.cfg.sliding_window)
+        cache_once = KVCache(pad, ids.shape[1], model.cfg.sliding_window,
+                             model.cfg.max_position_embeddings)
         return model(ids, cache=cache_once)[:, -1].float()
     logits = model(ids, cache=cache)[:, -1].float()
     cache.advance(ids.shape[1])

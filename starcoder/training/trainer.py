@@ -189,6 +189,7 @@ class Trainer:
                                           dp_size=self.grid.dp,
                                           consumed_samples=state.consumed_samples))
         self._interval_start, self._interval_tokens = time.perf_counter(), 0
+        humaneval = self.humaneval_hook()
         while state.step < t.max_steps:
             signum = stop.agreed(self.device)
             if signum:
@@ -199,6 +200,8 @@ class Trainer:
             self._account(loss, norm)
             if t.eval_every and state.step % t.eval_every == 0:
                 self.evaluate()
+            if humaneval is not None:
+                humaneval(state.step)
             if t.save_every and state.step % t.save_every == 0:
                 self.save()
         if state.step > 0 and self.last_saved != state.step:
@@ -302,6 +305,15 @@ class Trainer:
                          "val_ppl": math.exp(min(loss, 50.0))})
         self._restart_interval()
         return loss
+
+    def humaneval_hook(self):
+        """`train.eval_humaneval_every`: HumanEval pass@1 every N steps (starcoder.eval.training);
+        made before step 1, so a missing sandbox stops the run at once."""
+        if not self.cfg.train.eval_humaneval_every:
+            return None
+        from starcoder.eval.training import HumanEvalHook
+
+        return HumanEvalHook(self)
 
     def save(self) -> Path:
         start = time.perf_counter()

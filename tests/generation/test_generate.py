@@ -59,3 +59,15 @@ def test_sampling_is_seeded(tiny_models):
 def test_stop_sequences_cut_the_text():
     assert cut_at_stop("    return 1\ndef f():\n", ["\ndef", "\nclass"]) == "    return 1"
     assert cut_at_stop("abc", ["\n#"]) == "abc"
+
+
+def test_rows_that_fill_the_context_finish_while_others_go_on(tiny_models):
+    gen = load_generator(tiny_models["sc2"]["native"])
+    ctx = gen.context
+    near_full = " ".join(["a"] * 400)
+    ids = gen.tokenizer.encode(near_full)[-(ctx - 3):]  # room for 3 new tokens
+    prompt = gen.tokenizer.decode(ids)
+    assert len(gen.tokenizer.encode(prompt)) == ctx - 3
+    out = gen.complete([prompt, "def f():\n"], max_new_tokens=10, batch_size=2)
+    assert len(out[0].tokens) <= 3 and not out[0].too_long
+    assert out[1].tokens == gen.complete(["def f():\n"], max_new_tokens=10)[0].tokens

@@ -1,0 +1,37 @@
+"""`train.eval_humaneval_every`: pass@1 of the live model in metrics.jsonl; sandbox checked first."""
+
+import pytest
+
+from starcoder.config import ConfigError, load_config
+from starcoder.eval.sandbox import SandboxUnavailable
+from starcoder.training.trainer import train
+from tests.training.helpers import make_corpus, metrics, tiny_config
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"), files=4)
+
+
+def test_humaneval_every_n_steps_logs_pass_at_1(sandbox, corpus, tmp_path, one_thread):
+    cfg = tiny_config(corpus, tmp_path / "run", "train.eval_humaneval_every=2",
+                      "train.eval_humaneval_limit=2")
+    train(cfg)
+    records = [r for r in metrics(tmp_path / "run") if "humaneval_pass@1" in r]
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(r["humaneval_problems"] == 2 and 0.0 <= r["humaneval_pass@1"] <= 1.0 for r in records)
+
+
+def test_a_missing_sandbox_stops_the_run_before_step_1(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap, no prlimit
+    cfg = tiny_config(corpus, tmp_path / "run", "train.eval_humaneval_every=2")
+    with pytest.raises(SandboxUnavailable, match="bwrap"):
+        train(cfg)
+    assert not [r for r in metrics(tmp_path / "run") if "loss" in r]
+
+
+@pytest.mark.parametrize("key, value", [("eval_humaneval_every", -1), ("eval_humaneval_limit", 0),
+                                        ("eval_humaneval_limit", 165)])
+def test_config_keys_are_validated(key, value):
+    with pytest.raises(ConfigError, match=f"train.{key}"):
+        load_config("tiny-sc2", [f"train.{key}={value}"])
