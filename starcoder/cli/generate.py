@@ -44,18 +44,18 @@ def run(args) -> int:
     sampling = Sampling(args.temperature, args.top_p, args.top_k, args.seed)
     prompts = read_prompts(args.prompts) if args.prompts else [args.prompt or args.fim_prefix]
     gen = load_generator(args.model, args.device)
+    model_prompts = prompts
     if args.fim_suffix is not None:
-        prompts = [gen.fim_prompt(p, args.fim_suffix) for p in prompts]
-    repeated = [p for p in prompts for _ in range(args.n_samples)]
+        model_prompts = [gen.fim_prompt(p, args.fim_suffix) for p in prompts]
+    repeated = [p for p in model_prompts for _ in range(args.n_samples)]
     completions = gen.complete(repeated, args.max_new_tokens, sampling, args.stop, args.batch_size)
     for i, c in enumerate(completions):
         if args.json:
             print(json.dumps({"prompt": i // args.n_samples, "sample": i % args.n_samples,
                               "completion": c.text, "truncated": c.truncated, "too_long": c.too_long}))
         else:
-            shown = args.fim_prefix if args.fim_suffix is not None else c.prompt
             print(f"--- prompt {i // args.n_samples} sample {i % args.n_samples} ---")
-            print(shown + c.text + (args.fim_suffix or ""))
+            print(prompts[i // args.n_samples] + c.text + (args.fim_suffix or ""))
     cut = sum(c.truncated for c in completions)
     too_long = sum(c.too_long for c in completions)
     if cut or too_long:

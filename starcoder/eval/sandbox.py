@@ -65,9 +65,8 @@ class Sandbox:
     own interpreter may live under /root or /home, which the sandbox hides."""
 
     def __init__(self, limits: Limits = Limits(), unsafe_no_sandbox: bool = False,
-                 python: str = "python3", scratch_root: str | None = None):
+                 python: str = "python3"):
         self.limits, self.unsafe, self.python = limits, unsafe_no_sandbox, python
-        self.scratch_root = scratch_root
         self.as_root = os.geteuid() == 0
         if unsafe_no_sandbox:
             print("WARNING: --unsafe-no-sandbox: generated programs run as this user with only "
@@ -108,7 +107,7 @@ class Sandbox:
         return drop + bwrap + rlimits + program
 
     def run(self, program: str, timeout: float = 3.0) -> Execution:
-        scratch = Path(tempfile.mkdtemp(prefix="starcoder-sandbox-", dir=self.scratch_root))
+        scratch = Path(tempfile.mkdtemp(prefix="starcoder-sandbox-"))
         try:
             (scratch / "program.py").write_text(program)
             if self.as_root and not self.unsafe:

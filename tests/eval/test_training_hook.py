@@ -22,6 +22,10 @@ def test_humaneval_every_n_steps_logs_pass_at_1(sandbox, corpus, tmp_path, one_t
     records = [r for r in metrics(tmp_path / "run") if "humaneval_pass@1" in r]
     assert [r["step"] for r in records] == [2, 4]
     assert all(r["humaneval_problems"] == 2 and 0.0 <= r["humaneval_pass@1"] <= 1.0 for r in records)
+    # The run folder (its latest checkpoint) generates as it is.
+    from starcoder.generation import load_generator
+
+    assert load_generator(tmp_path / "run").complete(["def f():\n"], max_new_tokens=4)[0].tokens
 
 
 def test_a_missing_sandbox_stops_the_run_before_step_1(corpus, tmp_path, monkeypatch):
