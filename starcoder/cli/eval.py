@@ -79,13 +79,13 @@ def run(args) -> int:
             raise UserError("--model / --samples: give exactly one (a model to generate with, or "
                             "a file of completions to score)")
         generator = _load(args) if args.model else None
-        summary = run_humaneval(output, opts, ks, sandbox, generator, str(args.model or ""),
+        summary = run_humaneval(output, opts, ks, sandbox, generator, _model_name(args),
                                 args.samples, getattr(args, "generation_only", False))
         print(format_summary(summary))
     else:
         from starcoder.eval.infill import run_infill
 
-        summary = run_infill(_load(args), args.mode, output, opts, sandbox, str(args.model), args.tasks)
+        summary = run_infill(_load(args), args.mode, output, opts, sandbox, _model_name(args), args.tasks)
         for key, value in summary.items():
             print(f"{key:<18}  {f'{value * 100:.2f}%' if isinstance(value, float) else value}")
     print(f"wrote {output / 'summary.json'}")
@@ -96,6 +96,14 @@ def _load(args):
     from starcoder.generation import load_generator
 
     return load_generator(args.model, args.device)
+
+
+def _model_name(args) -> str:
+    """What a resumed eval must match: a run folder means its latest checkpoint, so an eval
+    started on step 1000 is not finished with step 2000's weights."""
+    from starcoder.convert.weights import resolve_folder
+
+    return str(resolve_folder(args.model).resolve()) if args.model else ""
 
 
 def _parse_ks(text: str) -> list[int]:

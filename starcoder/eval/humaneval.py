@@ -117,7 +117,7 @@ def run_humaneval(output: Path, opts: Options, ks: list[int], sandbox: Sandbox |
         output.mkdir(parents=True, exist_ok=True)
         results_path = output / f"{Path(samples_file).name}_results.jsonl"
     else:
-        check_settings(output, {"model": model_name, **asdict(opts), "workers": None, "timeout": None})
+        check_settings(output, {"model": model_name, **asdict(opts), "workers": None})  # any workers
         log = JsonlLog(output / SAMPLES)
         total = len(problems) * opts.n_samples
         with tqdm(total=total, initial=len(log.keys()), desc="generate", unit="sample") as bar:
