@@ -59,10 +59,6 @@ class KVCache:
             self._mask = allowed | (k == q)[None]
         return self._mask
 
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers.values()
-                   for t in (layer.k, layer.v) if t is not None)
-
 
 class LayerCache:
     def __init__(self, cache: KVCache):
