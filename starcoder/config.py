@@ -172,6 +172,10 @@ class TrainConfig:
     init_from: Optional[str] = None  # weights only: a native model folder, checkpoint or HF model
     eval_every: int = 0  # 0: no periodic validation
     eval_steps: int = 4
+    # Greedy HumanEval pass@1 of the live model every N steps (0: never; generated code runs in
+    # the bubblewrap sandbox, see docs/eval.md); on the first `eval_humaneval_limit` problems.
+    eval_humaneval_every: int = 0
+    eval_humaneval_limit: Optional[int] = None  # None: all 164
     max_nonfinite_steps: int = 10  # skipped non-finite steps tolerated before the run stops
 
 
@@ -451,6 +455,9 @@ def _validate(cfg: Config) -> None:
     need(t.keep_last is None or t.keep_last >= 1, "train.keep_last", "must be at least 1 (or null)")
     need(t.eval_every >= 0, "train.eval_every", "must be non-negative")
     need(t.eval_steps >= 1, "train.eval_steps", "must be at least 1")
+    need(t.eval_humaneval_every >= 0, "train.eval_humaneval_every", "must be non-negative (0: never)")
+    need(t.eval_humaneval_limit is None or 1 <= t.eval_humaneval_limit <= 164,
+         "train.eval_humaneval_limit", f"must be in [1, 164] (or null), got {t.eval_humaneval_limit}")
     need(t.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be non-negative")
     need(lg.every >= 1, "log.every", f"must be at least 1, got {lg.every}")
     need(lg.peak_tflops is None or lg.peak_tflops > 0, "log.peak_tflops", "must be positive")

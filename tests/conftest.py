@@ -25,3 +25,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Initialised tiny-sc1 (MQA, learned positions) and tiny-sc2 (GQA, RoPE, sliding window 64)
+    models, built once per test session, each as a native model folder ("native") and its
+    Hugging Face export ("hf"), with the builtin tiny tokenizer. Weights are drawn with a larger
+    std than training uses so greedy decoding has clear winners (no near-ties between backends)."""
+    from tests.models import write_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {name: write_tiny_model(root / name, preset) for name, preset in
+            (("sc1", "tiny-sc1"), ("sc2", "tiny-sc2"))}

@@ -17,6 +17,8 @@ COMMANDS = {
     "preprocess": ("preprocess", "tokenise a corpus into Megatron .bin/.idx files"),
     "convert": ("convert", "convert between native checkpoints and Hugging Face models"),
     "curate": ("curate", "curate a code corpus: dedup, filters, PII redaction, decontamination"),
+    "generate": ("generate", "complete or infill prompts with a model (KV cache, greedy or sampled)"),
+    "eval": ("eval", "HumanEval pass@k and HumanEval infilling, generated code run in a sandbox"),
     "info": ("info", "print a model's architecture, parameter count and FLOPs per token"),
     "demo": ("demo", "the embedded default run: train tiny-sc2 on the Python stdlib, export, complete"),
 }

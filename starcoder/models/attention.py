@@ -52,6 +52,15 @@ def sdpa_attention(q, k, v, causal=True, window=None, scale=None, dropout_p=0.0)
     return out.transpose(1, 2)
 
 
+def masked_attention(q, k, v, mask: torch.Tensor, scale=None):
+    """SDPA with a boolean mask [batch, seq_q, seq_k] (True: may attend), as a KV cache builds it
+    for prompts of different lengths and rolling sliding-window buffers."""
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], scale=scale,
+                                         enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
 @functools.lru_cache(maxsize=16)
 def sliding_window_mask(seq_q: int, seq_k: int, window: int, causal: bool,
                         device: torch.device) -> torch.Tensor:

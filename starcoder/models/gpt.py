@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from starcoder.config import ModelConfig
 from starcoder.models import ops
-from starcoder.models.attention import attention, resolve_backend
+from starcoder.models.attention import attention, masked_attention, resolve_backend
 
 
 class Linear(nn.Linear):
@@ -53,10 +53,12 @@ class Embedding(nn.Module):
         self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if learned else None
         self.dropout = nn.Dropout(cfg.embedding_dropout)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """`positions` [batch, seq]: each token's position (decoding with a cache); None: 0..seq-1."""
         x = self.word(input_ids)
         if self.position is not None:
-            x = x + self.position.weight[: input_ids.shape[1]]
+            x = x + (self.position.weight[: input_ids.shape[1]] if positions is None
+                     else self.position(positions))
         return self.dropout(x)
 
 
@@ -80,13 +82,17 @@ class Attention(nn.Module):
         self.recompute = cfg.recompute == "selective"
         self.backend = "torch"
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache=None) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, -1, self.head_dim)
         k, v = self.kv_proj(x).view(b, s, -1, 2, self.head_dim).unbind(3)
         if rope is not None:
             q, k = ops.apply_rope(q, k, *rope, backend=self.backend)
-        if self.recompute and self.training:
+        if cache is not None:  # decoding: attend over the cached keys and these, as it masks
+            k, v, mask = cache.update(k, v)
+            out = masked_attention(q, k, v, mask)
+        elif self.recompute and self.training:
             out = checkpoint(self._core, q, k, v, use_reentrant=False)
         else:
             out = self._core(q, k, v)
@@ -119,8 +125,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope))
+    def forward(self, x: torch.Tensor, rope=None, cache=None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -168,17 +174,27 @@ class GPT(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.embedding.word.weight if self.cfg.tie_word_embeddings else self.head.weight
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                cache=None) -> torch.Tensor:
         """Logits [batch, seq, vocab_size] or, with `labels`, per-token fp32 losses [batch, seq]
-        (labels of -100 give 0)."""
-        x = self.embedding(input_ids)
-        rope = self._rope(input_ids.shape[1], x.device)
+        (labels of -100 give 0).
+
+        `cache` (decoding, see `starcoder.generation.cache.KVCache`): gives each token's position
+        (`cache.positions(seq)`) and, per block name, the object whose `update(k, v)` stores this
+        call's keys and values and returns (keys, values, mask) to attend over."""
+        if cache is None:
+            x = self.embedding(input_ids)
+            rope = self._rope(input_ids.shape[1], x.device)
+        else:
+            positions = cache.positions(input_ids.shape[1])
+            x = self.embedding(input_ids, positions)
+            rope = self._rope_at(positions)
         full_recompute = self.cfg.recompute == "full" and self.training
-        for block in self.blocks.values():
+        for name, block in self.blocks.items():
             if full_recompute:
                 x = checkpoint(block, x, rope, use_reentrant=False)
             else:
-                x = block(x, rope)
+                x = block(x, rope, None if cache is None else cache[name])
         x = self.final_norm(x)
         return self.head(x, self.output_weight(), labels)
 
@@ -189,3 +205,10 @@ class GPT(nn.Module):
         if key not in self._rope_cache:
             self._rope_cache[key] = ops.rotary_tables(seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)
         return self._rope_cache[key]
+
+    def _rope_at(self, positions: torch.Tensor):
+        """cos, sin [batch, seq, head_dim] for the given positions."""
+        if self.cfg.position_embedding != "rope":
+            return None
+        cos, sin = self._rope(self.cfg.max_position_embeddings, positions.device)
+        return cos[positions], sin[positions]

@@ -47,8 +47,9 @@ def rotary_tables(seq_len: int, head_dim: int, theta: float,
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q [b, s, hq, d] and k [b, s, hk, d] by position; cos/sin are [s, d]."""
-    if uses_triton(backend, q):
+    """Rotate q [b, s, hq, d] and k [b, s, hk, d] by position; cos/sin are [s, d], or
+    [b, s, d] when each row has its own positions (decoding; PyTorch only)."""
+    if uses_triton(backend, q) and cos.dim() == 2:
         from starcoder.kernels import apply_rope as triton_apply_rope
 
         return triton_apply_rope(q, k, cos, sin)
@@ -66,7 +67,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    cos, sin = cos[..., None, :], sin[..., None, :]  # broadcast over heads
     x1, x2 = x.float().chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x.float() * cos + rotated * sin).to(x.dtype)

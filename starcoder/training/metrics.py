@@ -146,6 +146,9 @@ class MetricsLogger:
 def console_line(r: dict) -> str:
     if "val_loss" in r:
         return f"step {r['step']:>7} | validation loss {r['val_loss']:.4f} | ppl {r['val_ppl']:.2f}"
+    if "lr" not in r:  # other evaluations (e.g. HumanEval): their own keys
+        return " | ".join([f"step {r['step']:>7}"] + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                      for k, v in r.items() if k != "step"])
     parts = [f"step {r['step']:>7}", f"loss {_num(r.get('loss'), '.4f')}", f"lr {r['lr']:.3e}",
              f"grad {_num(r.get('grad_norm'), '.3f')}", f"{r['tokens_per_s']:,.0f} tok/s"]
     if r.get("mfu") is not None:

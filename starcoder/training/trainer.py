@@ -105,6 +105,10 @@ def check_supported(cfg: Config) -> None:
         raise ConfigError("train.init_from: not available under pipeline parallelism yet (each "
                           "stage would need only its part of the weights); initialise at "
                           "pipeline_parallel 1, save, and resume at this layout")
+    if cfg.train.eval_humaneval_every and cfg.parallel.pipeline_parallel > 1:
+        raise ConfigError("train.eval_humaneval_every: not available under pipeline parallelism "
+                          "(generation needs the whole model on each tensor-parallel group); "
+                          "set 0, or evaluate saved checkpoints with `starcoder eval`")
     if cfg.data.tokenizer is None:
         raise ConfigError("data.tokenizer: required for training (a tokenizer.json, a folder "
                           "holding one, or builtin:tiny)")
@@ -225,6 +229,7 @@ class Trainer:
                                           dp_size=self.grid.dp,
                                           consumed_samples=state.consumed_samples))
         self._interval_start, self._interval_tokens = time.perf_counter(), 0
+        humaneval = self.humaneval_hook()
         while state.step < t.max_steps:
             signum = stop.agreed(self.device)
             if signum:
@@ -236,6 +241,8 @@ class Trainer:
             self._account(loss, norm)
             if t.eval_every and state.step % t.eval_every == 0:
                 self.evaluate()
+            if humaneval is not None:
+                humaneval(state.step)
             if t.save_every and state.step % t.save_every == 0:
                 self.save()
         if state.step > 0 and self.last_saved != state.step:
@@ -390,6 +397,15 @@ class Trainer:
             totals[1] += sum(mb["loss_mask"].sum() for mb in micro_batches)
         dist.all_reduce(loss_sum, group=self.grid.group("pp"))
         totals[0] += loss_sum[0]
+
+    def humaneval_hook(self):
+        """`train.eval_humaneval_every`: HumanEval pass@1 every N steps (starcoder.eval.training);
+        made before step 1, so a missing sandbox stops the run at once."""
+        if not self.cfg.train.eval_humaneval_every:
+            return None
+        from starcoder.eval.training import HumanEvalHook
+
+        return HumanEvalHook(self)
 
     def save(self) -> Path:
         start = time.perf_counter()
