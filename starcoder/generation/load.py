@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from starcoder.config import ParallelConfig, UserError
-from starcoder.convert.weights import iter_weights, load_weights_into, resolve_folder
+from starcoder.convert.weights import load_weights, open_weights, resolve_folder
 from starcoder.data.tokenizer import load_tokenizer
 from starcoder.generation.generate import Generator
 from starcoder.models.gpt import GPT
@@ -22,7 +22,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu",
     of the default process group calls this and holds its shard."""
     device = torch.device(device)
     try:
-        cfg, tensors = iter_weights(path)
+        _, _, cfg = open_weights(path)
         tokenizer = load_tokenizer(resolve_folder(path))
     except (OSError, ValueError) as err:  # missing folder or tokenizer, unreadable config
         raise UserError(f"--model: {err}") from None
@@ -31,7 +31,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu",
         model = GPT(cfg.model, padded_vocab_size=cfg.model.padded_vocab_size(grid.tp))
         parallelize(model, grid)
     materialize(model, device)  # fp32: stored weights of any dtype are cast on copy
-    load_weights_into(model, tensors)
+    load_weights(model, path, grid)  # each rank reads only its own slices
     if dtype is not None:
         model.to(dtype)
     model.set_kernels(cfg.model.kernels, device)

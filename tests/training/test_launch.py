@@ -150,6 +150,25 @@ def test_ctrl_c_saves_and_exits_0_without_a_traceback(corpus, tmp_path):
     assert read_state(latest_checkpoint(run))["train_state"]["step"] == marker["step"]
 
 
+def test_ctrl_c_in_a_terminal_saves_with_loader_workers(corpus, tmp_path):
+    """A terminal sends Ctrl-C to the whole foreground process group, loader workers included:
+    they must leave it to the trainer, which saves and exits 0."""
+    run = tmp_path / "run"
+    proc = starcoder_train(tiny_args(corpus, run, "train.max_steps=100000", "data.fim_rate=0.5",
+                                     "data.num_workers=1"), start_new_session=True)
+    try:
+        _wait_for_steps(run, [proc], 2)
+        os.killpg(proc.pid, signal.SIGINT)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in out, out
+    marker = json.loads((run / "stop.json").read_text())
+    assert (marker["reason"], marker["signal"]) == ("signal", "SIGINT")
+    assert read_state(latest_checkpoint(run))["train_state"]["step"] == marker["step"]
+
+
 def test_a_second_ctrl_c_outside_a_save_exits_at_once(corpus, tmp_path):
     args = tiny_args(corpus, tmp_path / "run", "train.max_steps=100000", "train.save_every=2")
     impatient = textwrap.dedent(f"""
