@@ -3,11 +3,13 @@ on the same exported tiny model, on CPU; KV-cache bytes per token of the presets
 executions per second.
 
     python benchmarks/bench_generate.py [--preset tiny-sc2] [--prompt-len 32] [--new 128]
+        [--repeats 7] [--threads 1] [--no-cache]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -24,16 +26,15 @@ PRESETS = ["santacoder", "starcoderbase-1b", "starcoder-15b", "starcoder2-3b", "
            "starcoder2-15b"]
 
 
-def timed(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
-def decode_speed(args) -> list[tuple]:
+def decode_speed(args) -> list[dict]:
+    """Ours and theirs interleaved in one process (A, B, A, B, ...), so that a load change on a
+    shared machine hits both; per repeat a ratio, and medians over the repeats."""
     from transformers import AutoModelForCausalLM
     from tests.models import write_tiny_model
 
@@ -47,18 +48,27 @@ def decode_speed(args) -> list[tuple]:
         lists = prompts.tolist()
 
         def run_ours(cache=True):
-            generate_ids(ours, lists, [args.new] * batch, set(), use_cache=cache)
+            # No stop ids: every row decodes exactly args.new tokens, as min_new_tokens forces there.
+            return generate_ids(ours, lists, [args.new] * batch, set(), use_cache=cache)
 
         def run_hf():
-            with torch.no_grad():
-                hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.new,
-                            min_new_tokens=args.new, do_sample=False, pad_token_id=0)
+            with torch.inference_mode():
+                out = hf.generate(prompts, attention_mask=torch.ones_like(prompts),
+                                  max_new_tokens=args.new, min_new_tokens=args.new,
+                                  do_sample=False, pad_token_id=0)
+            return out[:, args.prompt_len:].tolist()
 
+        same = run_ours() == run_hf()  # also the warm-up of both, not timed
         tokens = batch * args.new
-        t_hf = timed(run_hf, args.repeats)
-        t_ours = timed(run_ours, args.repeats)
-        t_nocache = timed(lambda: run_ours(cache=False), 1)
-        rows.append((batch, tokens / t_ours, tokens / t_nocache, tokens / t_hf))
+        t_ours, t_hf = [], []
+        for _ in range(args.repeats):
+            t_ours.append(seconds(run_ours))
+            t_hf.append(seconds(run_hf))
+        t_nocache = seconds(lambda: run_ours(cache=False)) if args.no_cache else None
+        rows.append(dict(batch=batch, ours=tokens / statistics.median(t_ours),
+                         hf=tokens / statistics.median(t_hf),
+                         nocache=None if t_nocache is None else tokens / t_nocache,
+                         ratios=[h / o for o, h in zip(t_ours, t_hf)], same=same))
     return rows
 
 
@@ -78,18 +88,24 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny-sc2")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs of each, interleaved")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, for both")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="also time our full recompute without a cache (once; slow)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"decode, {args.preset}, prompt {args.prompt_len}, {args.new} new tokens, greedy, fp32, "
-          f"{args.threads} threads")
-    print("| batch | ours, KV cache (tok/s) | ours, no cache (tok/s) | transformers generate (tok/s) "
-          "| cache vs no cache | ours vs transformers |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for batch, cached, nocache, hf in decode_speed(args):
-        print(f"| {batch} | {cached:,.0f} | {nocache:,.0f} | {hf:,.0f} | {cached / nocache:.1f}x "
-              f"| {cached / hf:.2f}x |")
+          f"{args.threads} threads, median of {args.repeats} interleaved repeats after a warm-up")
+    rows = decode_speed(args)
+    print("| batch | ours, KV cache (tok/s) | transformers generate (tok/s) | ours vs transformers "
+          "(median) | per repeat | same tokens | ours, no cache (tok/s) |")
+    print("|---:|---:|---:|---:|---|---|---:|")
+    for r in rows:
+        nocache = "-" if r["nocache"] is None else f"{r['nocache']:,.0f}"
+        print(f"| {r['batch']} | {r['ours']:,.0f} | {r['hf']:,.0f} | "
+              f"{statistics.median(r['ratios']):.2f}x | "
+              f"{' '.join(f'{x:.2f}' for x in r['ratios'])} | {'yes' if r['same'] else 'no'} | "
+              f"{nocache} |")
     print("\nKV-cache bytes per token (bf16)")
     print("| preset | layers | KV heads | head dim | bytes/token |")
     print("|---|---:|---:|---:|---:|")

@@ -27,6 +27,7 @@ class KVCache:
         # The timeline position each slot holds (-1: empty); used by rolling buffers.
         self.slot_positions = torch.full((self.size,), -1, dtype=torch.long, device=pad.device)
         self.layers: dict[str, LayerCache] = {}
+        self.timeline = torch.arange(capacity, device=pad.device)  # sliced, not rebuilt, per step
         self._mask = None
 
     def __getitem__(self, name: str) -> "LayerCache":
@@ -36,21 +37,30 @@ class KVCache:
 
     def positions(self, seq: int) -> torch.Tensor:
         """[batch, seq] position of each new token within its own row (padding clamps to 0)."""
-        t = torch.arange(self.length, self.length + seq, device=self.pad.device)
+        t = self.timeline[self.length: self.length + seq]
         top = None if self.max_position is None else self.max_position - 1
         return (t[None, :] - self.pad[:, None]).clamp(0, top)
 
     def advance(self, seq: int) -> None:
         """Call after each forward: `seq` new positions are now stored."""
-        new = torch.arange(self.length, self.length + seq, device=self.pad.device)[-self.size:]
+        new = self.timeline[self.length: self.length + seq][-self.size:]
         self.slot_positions[new % self.size] = new
         self.length += seq
         self._mask = None
 
-    def mask(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
-        """[batch, seq_q, seq_k] True where a query may attend (computed once per forward)."""
+    def mask(self, seq: int) -> torch.Tensor:
+        """[batch, seq, keys] True where a new query may attend (computed once per forward, for
+        the keys `LayerCache.update` returns)."""
         if self._mask is None:
-            q, k = query_positions[:, None], key_positions[None, :]
+            new = self.timeline[self.length: self.length + seq]
+            if self.window is None:
+                keys = self.timeline[: self.length + seq]
+            elif seq == 1:
+                keys = self.slot_positions.clone()
+                keys[self.length % self.size] = self.length
+            else:
+                keys = torch.cat([self.slot_positions, new])
+            q, k = new[:, None], keys[None, :]
             allowed = (k >= 0) & (k <= q)
             if self.window is not None:
                 allowed &= (q - k) < self.window
@@ -71,19 +81,24 @@ class LayerCache:
         if self.k is None:  # shapes, dtype and device come from the first call (local heads)
             shape = (k.shape[0], c.size, k.shape[2], k.shape[3])
             self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
-        new = torch.arange(c.length, c.length + seq, device=k.device)
+        start = c.length
         if c.window is None:  # a flat buffer: write in place, attend over the filled part
-            self.k[:, c.length: c.length + seq] = k
-            self.v[:, c.length: c.length + seq] = v
-            end = c.length + seq
-            return self.k[:, :end], self.v[:, :end], c.mask(new, torch.arange(end, device=k.device))
-        # Rolling buffer: the new queries see the buffer's slots and each other; then the last
-        # `size` positions overwrite their slots.
+            end = start + seq
+            self.k[:, start: end] = k
+            self.v[:, start: end] = v
+            return self.k[:, :end], self.v[:, :end], c.mask(seq)
+        if seq == 1:  # rolling buffer, one token: write in place; the slot it overwrites holds
+            # position t - W, already outside the window of query t
+            slot = start % c.size
+            self.k[:, slot: slot + 1] = k
+            self.v[:, slot: slot + 1] = v
+            return self.k, self.v, c.mask(seq)
+        # Rolling buffer, several tokens: the new queries see the buffer's slots and each other;
+        # then the last `size` positions overwrite their slots.
         keys, values = torch.cat([self.k, k], 1), torch.cat([self.v, v], 1)
-        key_positions = torch.cat([c.slot_positions, new])
-        kept = new[-c.size:] % c.size
+        kept = c.timeline[start: start + seq][-c.size:] % c.size
         self.k[:, kept], self.v[:, kept] = k[:, -c.size:], v[:, -c.size:]
-        return keys, values, c.mask(new, key_positions)
+        return keys, values, c.mask(seq)
 
 
 def kv_bytes_per_token(num_layers: int, num_query_groups: int, head_dim: int, bytes_per_value: int = 2) -> int:

@@ -18,7 +18,7 @@ from starcoder.generation.sampling import Sampling, next_tokens
 END_TOKENS = ("<|endoftext|>", "<file_sep>", "<fim_pad>")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
                  stop_ids: set[int], sampling: Sampling = Sampling(), pad_id: int = 0,
                  stopped: Callable[[int, list[int]], bool] | None = None,
@@ -66,8 +66,8 @@ def _last_logits(model, ids: torch.Tensor, cache: KVCache | None, pad: torch.Ten
     if cache is None:  # full recompute: a fresh cache per call gives the padding its mask
         cache_once = KVCache(pad, ids.shape[1], model.cfg.sliding_window,
                              model.cfg.max_position_embeddings)
-        return model(ids, cache=cache_once)[:, -1].float()
-    logits = model(ids, cache=cache)[:, -1].float()
+        return model(ids, cache=cache_once, last_only=True)[:, -1].float()
+    logits = model(ids, cache=cache, last_only=True)[:, -1].float()
     cache.advance(ids.shape[1])
     return logits
 

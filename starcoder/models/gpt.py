@@ -175,13 +175,14 @@ class GPT(nn.Module):
         return self.embedding.word.weight if self.cfg.tie_word_embeddings else self.head.weight
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                cache=None) -> torch.Tensor:
+                cache=None, last_only: bool = False) -> torch.Tensor:
         """Logits [batch, seq, vocab_size] or, with `labels`, per-token fp32 losses [batch, seq]
         (labels of -100 give 0).
 
         `cache` (decoding, see `starcoder.generation.cache.KVCache`): gives each token's position
         (`cache.positions(seq)`) and, per block name, the object whose `update(k, v)` stores this
-        call's keys and values and returns (keys, values, mask) to attend over."""
+        call's keys and values and returns (keys, values, mask) to attend over. `last_only`: logits
+        of the last position only, all that decoding reads (a prefill skips the rest of the head)."""
         if cache is None:
             x = self.embedding(input_ids)
             rope = self._rope(input_ids.shape[1], x.device)
@@ -195,6 +196,8 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, rope, use_reentrant=False)
             else:
                 x = block(x, rope, None if cache is None else cache[name])
+        if last_only:
+            x = x[:, -1:]
         x = self.final_norm(x)
         return self.head(x, self.output_weight(), labels)
 
