@@ -43,8 +43,9 @@ from starcoder.training.checkpoint import load_checkpoint, remove_partial, save_
 from starcoder.training.distributed import resolve_device
 from starcoder.training.metrics import (MetricsLogger, check_logging, mfu, peak_memory_gib,
                                         peak_tflops)
+from starcoder.parallel.distributed_optimizer import DistributedOptimizer
 from starcoder.training.optimizer import build_optimizer, set_lr
-from starcoder.training.precision import LossScaler, autocast, resolve_precision
+from starcoder.training.precision import LossScaler, resolve_precision
 from starcoder.training.schedule import lr_at
 from starcoder.training.signals import StopRequest
 
@@ -148,11 +149,17 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         self.model = build_model(cfg, self.grid, self.device)
-        self.optimizer = build_optimizer(self.model, cfg, self.grid, self.device)
+        resume = latest_checkpoint(self.run_dir)
+        if resume is None and t.init_from:  # into the fp32 model, before the optimizer copies it
+            try:
+                load_weights(self.model, t.init_from, self.grid)
+            except UserError as err:
+                raise ConfigError(f"train.init_from: {err}") from None
+            log.info("initialised weights from %s", t.init_from)
+        self.optimizer = build_optimizer(self.model, cfg, self.grid, self.device, self.precision)
         self.scaler = LossScaler.for_precision(self.precision, t)
         self.state = TrainState()
         self.last_saved = None
-        resume = latest_checkpoint(self.run_dir)
         if resume is not None:
             saved = load_checkpoint(resume, self.model, self.optimizer, self.grid, self.device, cfg)
             self.state = TrainState(**saved["train_state"])
@@ -160,19 +167,15 @@ class Trainer:
             self.last_saved = self.state.step
             log.info("resumed from %s (step %d, %d samples consumed)", resume, self.state.step,
                      self.state.consumed_samples)
-        elif t.init_from:
-            try:
-                load_weights(self.model, t.init_from, self.grid)
-            except UserError as err:
-                raise ConfigError(f"train.init_from: {err}") from None
-            log.info("initialised weights from %s", t.init_from)
 
+        # The grad-buffer path reduces from its own hooks; otherwise torch's DDP does.
+        self.buffered = isinstance(self.optimizer, DistributedOptimizer)
         self.ddp = self.model
-        if self.grid.dp > 1:
+        if self.grid.dp > 1 and not self.buffered:
             self.ddp = DistributedDataParallel(
                 self.model, process_group=self.grid.group("dp"),
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                gradient_as_bucket_view=True)
+                bucket_cap_mb=cfg.parallel.ddp_bucket_mb, gradient_as_bucket_view=True)
             self.ddp.register_comm_hook(self.grid.group("dp"), _sum_gradients)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.tokens_per_step = t.global_batch_size * t.seq_length
@@ -218,21 +221,20 @@ class Trainer:
             tokens = mb["tokens"].to(self.device, non_blocking=True)
             mask = mb["loss_mask"].to(self.device, non_blocking=True)
             last = i == len(micro_batches) - 1
+            if self.buffered:
+                self.optimizer.buffer.sync = last
             sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
             with sync:
-                with autocast(self.precision, self.device):
-                    losses = self.ddp(tokens[:, :-1], tokens[:, 1:])
+                losses = self.ddp(tokens[:, :-1], tokens[:, 1:])
                 summed = (losses * mask).sum()
                 (summed * scale).backward()
             loss_sum += summed.detach()
         loss = self._dp_sum(loss_sum) / max(count, 1.0)
+        if self.buffered:
+            self.optimizer.buffer.finish_grad_sync()
         if self.grid.tp > 1:
             reduce_replicated_grads(self.model, self.grid)
-        if self.scaler.scale != 1.0:
-            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None],
-                                1.0 / self.scaler.scale)
-        clip = self.cfg.train.grad_clip
-        norm = clip_grad_norm_(self.params, clip, self.grid) if clip > 0 else grad_norm(self.params, self.grid)
+        norm = self._unscale_and_clip()
         skip = any_nonfinite(torch.stack([loss.float().reshape(()), norm]), self.grid)
         if not skip:
             set_lr(self.optimizer, lr)
@@ -240,6 +242,21 @@ class Trainer:
         self.scaler.update(not skip)
         self.optimizer.zero_grad(set_to_none=True)
         return loss.item(), norm.item()
+
+    def _unscale_and_clip(self) -> torch.Tensor:
+        """Undo the loss scale, clip to `train.grad_clip`; returns the global norm before clipping."""
+        clip, opt = self.cfg.train.grad_clip, self.optimizer
+        if not self.buffered:
+            if self.scaler.scale != 1.0:
+                torch._foreach_mul_([p.grad for p in self.params if p.grad is not None],
+                                    1.0 / self.scaler.scale)
+            return clip_grad_norm_(self.params, clip, self.grid) if clip > 0 else grad_norm(self.params, self.grid)
+        if self.scaler.scale != 1.0:
+            opt.scale_grads(1.0 / self.scaler.scale)
+        norm = opt.grad_norm()
+        if clip > 0:
+            opt.scale_grads((clip / (norm + 1e-6)).clamp(max=1.0))
+        return norm
 
     def _account(self, loss: float, norm: float) -> None:
         """Advance the step; log, and count or stop on, non-finite steps."""
@@ -293,8 +310,7 @@ class Trainer:
         for mb in islice(loader, cfg.train.eval_steps * self.accum):
             tokens = mb["tokens"].to(self.device)
             mask = mb["loss_mask"].to(self.device)
-            with autocast(self.precision, self.device):
-                losses = self.model(tokens[:, :-1], tokens[:, 1:])
+            losses = self.model(tokens[:, :-1], tokens[:, 1:])
             totals[0] += (losses * mask).sum()
             totals[1] += mask.sum()
         self.model.train()
