@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from starcoder.parallel.grad_buffer import GradBuffer, _all_gather_single
+from starcoder.parallel.collectives import _all_gather_single
+from starcoder.parallel.grad_buffer import GradBuffer
 from starcoder.parallel.grads import tp_copies
 from starcoder.parallel.grid import Grid
 

@@ -27,11 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from starcoder.parallel.collectives import _all_gather_single, _reduce_scatter_single
 from starcoder.parallel.grid import Grid
-
-# torch 2.13 renamed the tensor collectives; older releases (2.11 on the GPU machines) lack the new names.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 @dataclass(eq=False)
