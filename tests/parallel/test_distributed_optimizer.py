@@ -13,11 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from starcoder.data import build_train_loader
 from starcoder.parallel.comm_accounting import CommAccounting, memory_bytes_per_param, step_bytes
-from starcoder.training.signals import StopRequest
 from starcoder.training.trainer import Trainer, train
 from tests.distributed import World
 from tests.training.helpers import make_corpus, metrics, tiny_config
@@ -201,7 +199,7 @@ def _overlap(corpus, out, overrides):
 
 
 def test_reduce_scatters_start_while_backward_runs(world, corpus, tmp_path):
-    """With 0.05 MB buckets (9 of them), the first buckets' reduce-scatters are launched from the
+    """With 0.05 MB buckets (several at this size), the first buckets' reduce-scatters are launched from the
     backward hooks well before backward ends; only the last bucket (the embedding, whose
     gradient comes last) is launched at the very end."""
     sets = ["train.micro_batch_size=2", DIST, "parallel.ddp_bucket_mb=0.05"]
