@@ -209,3 +209,28 @@ def test_reduce_scatters_start_while_backward_runs(world, corpus, tmp_path):
         for launches in offsets:
             assert all(t is not None and t <= 0 for t in launches)
             assert sum(t < -1e-3 for t in launches) >= buckets - 2  # > 1 ms before the end
+
+
+def _gather_in_flight(corpus, out, overrides):
+    """After a step with `overlap_param_gather`: are the buckets' gathers in flight before the
+    next forward, and finished after it?"""
+    trainer, batch = _trainer(corpus, out, overrides)
+    trainer.train_step(batch(), 1e-3)
+    buckets = trainer.optimizer.buffer.buckets
+    before = [b.gather is not None for b in buckets]
+    tokens = batch()[0]["tokens"]
+    trainer.model(tokens[:, :-1], tokens[:, 1:])
+    after = [b.gather is not None for b in buckets]
+    trainer.close()
+    return before, after
+
+
+def test_overlapping_the_weight_gather_with_forward_changes_nothing(runs, world, corpus, tmp_path):
+    """`parallel.overlap_param_gather`: the step leaves each bucket's all-gather in flight and
+    each module waits for its own bucket in the next forward (0.05 MB buckets); losses unchanged."""
+    sets = [*LAYOUTS["dp4"], DIST, "parallel.overlap_param_gather=true", "parallel.ddp_bucket_mb=0.05"]
+    for before, after in world.run(_gather_in_flight, corpus, str(tmp_path / "flight"), sets):
+        assert len(before) > 1 and all(before) and not any(after)
+    run = tmp_path / "overlap"
+    world.run(_train, corpus, str(run), sets)
+    assert close(series(run), series(runs["dp4", "dist"]))
