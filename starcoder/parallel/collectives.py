@@ -23,9 +23,14 @@ import torch.distributed as dist
 
 SEQ_DIM = 1
 
-# torch 2.13 renamed the tensor collectives; older releases (2.11 on the GPU machines) lack the new names.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# torch 2.13 renamed the tensor collectives; older releases (2.11 on the GPU machines) lack the new
+# names. Looked up at each call, so hooks on torch.distributed (`comm_accounting`) see them.
+def _all_gather_single(*args, **kwargs):
+    return (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(*args, **kwargs)
+
+
+def _reduce_scatter_single(*args, **kwargs):
+    return (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(*args, **kwargs)
 
 
 def _size(group) -> int:

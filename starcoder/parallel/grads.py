@@ -28,7 +28,10 @@ def tp_copies(param: torch.Tensor) -> int:
 
 def copy_group(param: torch.Tensor, grid: Grid):
     """The process group of the TP ranks that hold the same copy of `param` (None if only one)."""
-    copies = tp_copies(param)
+    return copy_group_of(tp_copies(param), grid)
+
+
+def copy_group_of(copies: int, grid: Grid):
     if copies == 1:
         return None
     if copies == grid.tp:
@@ -39,17 +42,24 @@ def copy_group(param: torch.Tensor, grid: Grid):
 def reduce_replicated_grads(model: nn.Module, grid: Grid) -> None:
     """Sum the gradients of parameters whose copies each saw part of the gradient (KV heads shared
     by several TP ranks; LayerNorms, row-parallel biases and positions under sequence parallel),
-    one flat all-reduce per group. All copies end with the same, full gradient."""
+    one flat all-reduce per group. All copies end with the same, full gradient. Works on a
+    `GradBuffer`'s fp32 `main_grad` when there is one (after its data-parallel reduction; with the
+    distributed optimizer only each rank's own slice is then meaningful, and it is the one used)."""
     buckets: dict[tuple, list[torch.Tensor]] = {}
     for param in model.parameters():
-        if getattr(param, "partial_grad", False) and param.grad is not None:
-            buckets.setdefault((tp_copies(param), param.grad.dtype), []).append(param)
-    for params in buckets.values():
-        grads = [p.grad for p in params]
+        grad = _grad(param)
+        if getattr(param, "partial_grad", False) and grad is not None:
+            buckets.setdefault((tp_copies(param), grad.dtype), []).append(grad)
+    for (copies, _), grads in buckets.items():
         flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=copy_group(params[0], grid))
+        dist.all_reduce(flat, group=copy_group_of(copies, grid))
         for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             grad.copy_(reduced)
+
+
+def _grad(param: torch.Tensor) -> torch.Tensor | None:
+    """The gradient to reduce: the fp32 accumulator of a `GradBuffer` (`main_grad`), else `.grad`."""
+    return getattr(param, "main_grad", param.grad)
 
 
 def grad_norm(params, grid: Grid) -> torch.Tensor:

@@ -172,14 +172,19 @@ class Pipeline:
             total += s
         return total
 
-    def reduce_tied_grads(self) -> None:
-        """Sum the word-embedding gradients of the first and last stages (after data-parallel
-        reduction): both copies get the same full gradient."""
+    def reduce_tied_grads(self, main_grad: bool = False) -> None:
+        """Sum the word-embedding gradients of the first and last stages: both copies get the
+        same full gradient. `main_grad`: the grad buffer's accumulated gradient (summed before
+        its data-parallel reduction) instead of `.grad` (summed after it)."""
         if self.embedding_group is None:
             return
-        grad = self.model.embedding.word.weight.grad
-        if grad is None:
-            grad = self.model.embedding.word.weight.grad = torch.zeros_like(self.model.embedding.word.weight)
+        weight = self.model.embedding.word.weight
+        if main_grad:
+            grad = weight.main_grad
+        else:
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            grad = weight.grad
         dist.all_reduce(grad, group=self.embedding_group)
 
 

@@ -2,8 +2,9 @@
 The folder layout, and reading a checkpoint without a process group, are in
 `starcoder.convert.checkpoints`.
 
-Tensors are named `model.<param>`, `optim.<param>.<exp_avg|exp_avg_sq|step>` and
-`rng.rank<r>.<cpu|cuda>`. Each is described by its global shape and this rank's shard (a DTensor
+Tensors are named `model.<param>` (the fp32 main weights, whatever precision the model runs
+in), `optim.<param>.<exp_avg|exp_avg_sq|step>` (whole per parameter, also when the distributed
+optimizer holds slices: `checkpoint_state` gathers them) and `rng.rank<r>.<cpu|cuda>`. Each is described by its global shape and this rank's shard (a DTensor
 over the tensor-parallel mesh for a parameter carrying `full_shape`/`shard_slices`), so a
 checkpoint loads onto any data- or tensor-parallel layout, or onto one process (vocabulary
 tensors saved at another padding are re-padded, `_load_repadded`). DCP's default
@@ -44,7 +45,7 @@ from starcoder.convert.checkpoints import (CONFIG_FILE, DCP_DIR, LATEST, STATE_F
                                            quiet_single_process, read_config, read_manifest,
                                            read_state, step_folders, step_name, write_manifest)
 from starcoder.parallel import Grid, to_dtensor
-from starcoder.training.optimizer import optimizer_state
+from starcoder.training.optimizer import checkpoint_state, restore_state
 
 log = logging.getLogger("starcoder.train")
 
@@ -59,14 +60,15 @@ def describe(tensor: torch.Tensor, param: nn.Parameter, grid: Grid) -> torch.Ten
     return to_dtensor(tensor, param, grid) if grid.tp > 1 else tensor
 
 
-def model_tensors(model: nn.Module, grid: Grid) -> dict[str, torch.Tensor]:
-    return {f"model.{name}": describe(p.detach(), p, grid) for name, p in model.named_parameters()}
+def model_tensors(model: nn.Module, weights: dict, grid: Grid) -> dict[str, torch.Tensor]:
+    """`weights` ({name: fp32 tensor}, see `checkpoint_state`) as `model.<name>`."""
+    return {f"model.{name}": describe(weights[name], p, grid) for name, p in model.named_parameters()}
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer, model: nn.Module, grid: Grid) -> dict:
+def optimizer_tensors(states: dict, model: nn.Module, grid: Grid) -> dict:
     params = dict(model.named_parameters())
     out = {}
-    for name, state in optimizer_state(optimizer, model).items():
+    for name, state in states.items():
         for key, value in state.items():
             shaped = torch.is_tensor(value) and value.shape == params[name].shape
             out[f"optim.{name}.{key}"] = describe(value, params[name], grid) if shaped else value
@@ -95,7 +97,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer,
         shutil.rmtree(partial, ignore_errors=True)
         (partial / DCP_DIR).mkdir(parents=True)
     _barrier()
-    tensors = {**model_tensors(model, grid), **optimizer_tensors(optimizer, model, grid),
+    weights, states = checkpoint_state(optimizer, model)
+    tensors = {**model_tensors(model, weights, grid), **optimizer_tensors(states, model, grid),
                **rng_tensors(grid, device)}
     with quiet_single_process():
         metadata = dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(
@@ -244,7 +247,8 @@ def load_checkpoint(step_dir: Path, model: nn.Module, optimizer, grid: Grid,
         everyone = [None] * grid.world_size
         dist.all_gather_object(everyone, sorted(repadded))
         repadded = set().union(*everyone)
-    tensors = {**model_tensors(model, grid), **optimizer_tensors(optimizer, model, grid)}
+    weights, states = checkpoint_state(optimizer, model)
+    tensors = {**model_tensors(model, weights, grid), **optimizer_tensors(states, model, grid)}
     stored = reader.read_metadata().state_dict_metadata
     for key in [k for k in tensors if _of_vocab(k, repadded, stored)]:
         del tensors[key]  # read whole at the saved padding below
@@ -253,7 +257,8 @@ def load_checkpoint(step_dir: Path, model: nn.Module, optimizer, grid: Grid,
         tensors.update(rng_tensors(grid, device))
     dcp_load(tensors, reader, step_dir)
     if repadded:
-        _load_repadded(repadded, model, optimizer, reader, step_dir, cfg.model.vocab_size)
+        _load_repadded(repadded, model, weights, states, reader, step_dir, cfg.model.vocab_size)
+    restore_state(optimizer, model, weights, states)
     if same_world:
         torch.set_rng_state(tensors[f"rng.rank{grid.rank}.cpu"])
         if device.type == "cuda":
@@ -272,20 +277,19 @@ def _of_vocab(key: str, names: set[str], metadata) -> bool:
 
 
 @torch.no_grad()
-def _load_repadded(names: set[str], model: nn.Module, optimizer, reader: CheckpointReader, step_dir: Path,
-                   vocab_size: int) -> None:
+def _load_repadded(names: set[str], model: nn.Module, weights: dict, states: dict,
+                   reader: CheckpointReader, step_dir: Path, vocab_size: int) -> None:
     """Load vocabulary tensors (and their Adam state) saved at another padding, as when the
     tensor-parallel size changes the padded vocabulary (Megatron pads to a multiple of
     make_vocab_size_divisible_by x tp). Only the first `vocab_size` rows mean anything: every rank
     reads each tensor whole at its saved shape, one tensor at a time (on the CPU), and copies the
     real rows of its own part; padding rows become zero. Each read is collective, so all ranks
-    walk the same keys, also those whose optimizer state another rank owns (ZeRO)."""
+    walk the same keys."""
     metadata = reader.read_metadata().state_dict_metadata
     params = dict(model.named_parameters())
-    states = optimizer_state(optimizer, model)
     for name in sorted(names):
         param = params.get(name)  # None on pipeline stages without this tensor
-        mine = {} if param is None else {f"model.{name}": param.detach()}
+        mine = {} if param is None else {f"model.{name}": weights[name]}
         mine.update({f"optim.{name}.{k}": v for k, v in states.get(name, {}).items()
                      if torch.is_tensor(v) and v.shape == param.shape})
         start = getattr(param, "shard_slices", (slice(0, None),))[0].start or 0

@@ -1,22 +1,30 @@
-"""AdamW with Megatron's parameter groups, optionally sharded over data parallel (ZeRO-1).
+"""AdamW with Megatron's parameter groups, over fp32 main weights.
 
 Weight decay applies to matrices (linear weights, embeddings) and not to biases or LayerNorm
-parameters. On CUDA the fused kernel is used. With `parallel.distributed_optimizer` each
-data-parallel rank keeps Adam moments only for its share of the parameters (torch's
-`ZeroRedundancyOptimizer`, which updates its share and broadcasts the new values).
+parameters. On CUDA the fused kernel is used.
 
-Checkpoints address optimizer state by parameter name (`optimizer_state`), never by position or
-rank, so a run can resume with or without ZeRO and at any data-parallel size.
+Two paths (`uses_grad_buffer`):
+- fp32 without the distributed optimizer: torch's AdamW on the parameters themselves; data
+  parallel is torch's DDP (`parallel.ddp_bucket_mb` buckets, fp32 all-reduce);
+- bf16/fp16 weights, or `parallel.distributed_optimizer`: a `GradBuffer` (contiguous per-bucket
+  weights and fp32 gradients, reduced from backward hooks) and a `DistributedOptimizer` (AdamW on
+  fp32 main weights, for this rank's 1/DP slice of each bucket when sharded).
+
+Checkpoints address weights and optimizer state by parameter name and in the parameter's shape
+(`checkpoint_state`), never by position, slice or rank, so a run can resume with or without the
+distributed optimizer, in any precision and at any data-parallel size.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from starcoder.config import Config
+from starcoder.parallel.distributed_optimizer import DistributedOptimizer
+from starcoder.parallel.grad_buffer import GradBuffer
 from starcoder.parallel.grid import Grid
+from starcoder.training.precision import DTYPES
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -28,36 +36,58 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: Config, grid: Grid,
-                    device: torch.device) -> torch.optim.Optimizer:
-    t = cfg.train
+def uses_grad_buffer(cfg: Config, precision: str, grid: Grid) -> bool:
+    return precision != "fp32" or (cfg.parallel.distributed_optimizer and grid.dp > 1)
+
+
+def build_optimizer(model: nn.Module, cfg: Config, grid: Grid, device: torch.device,
+                    precision: str = "fp32") -> torch.optim.Optimizer | DistributedOptimizer:
+    """The optimizer for `model` (fp32 parameters); on the grad-buffer path this also moves the
+    model's weights into the buffer, in the precision's dtype."""
+    t, p = cfg.train, cfg.parallel
     options = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                    fused=True if device.type == "cuda" else None)
     groups = param_groups(model, t.weight_decay)
-    if cfg.parallel.distributed_optimizer and grid.dp > 1:
-        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW,
-                                       process_group=grid.group("dp"), **options)
-    return torch.optim.AdamW(groups, **options)
+    if not uses_grad_buffer(cfg, precision, grid):
+        return torch.optim.AdamW(groups, **options)
+    grad_dtype = torch.float32 if p.grad_reduce_in_fp32 else DTYPES[precision]
+    params = [param for param in model.parameters() if param.requires_grad]  # definition order
+    buffer = GradBuffer.create(params, grid, grad_dtype, p.ddp_bucket_mb,
+                               shard=p.distributed_optimizer)
+    optimizer = DistributedOptimizer(buffer, groups, grid, DTYPES[precision],
+                                     overlap_param_gather=p.overlap_param_gather, **options)
+    if p.overlap_param_gather:
+        buffer.gather_on_forward(model)
+    return optimizer
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
 
 
-def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The optimizer that holds this rank's state (ZeRO's per-rank AdamW, or the optimizer)."""
-    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+def checkpoint_state(optimizer, model: nn.Module) -> tuple[dict, dict]:
+    """({name: weight}, {name: {"exp_avg": ..., "exp_avg_sq": ..., "step": ...}}) as a checkpoint
+    stores them: fp32, whole per parameter (this rank's tensor-parallel part). A checkpoint load
+    writes into these tensors, then calls `restore_state`."""
+    if isinstance(optimizer, DistributedOptimizer):
+        return optimizer.full_state(model)
+    return {n: p.detach() for n, p in model.named_parameters()}, optimizer_state(optimizer, model)
+
+
+def restore_state(optimizer, model: nn.Module, weights: dict, states: dict) -> None:
+    """Take loaded `checkpoint_state` tensors into the optimizer and model (plain AdamW holds
+    them already)."""
+    if isinstance(optimizer, DistributedOptimizer):
+        optimizer.load_full_state(weights, states, model)
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, dict]:
-    """{parameter name: {"exp_avg": ..., "exp_avg_sq": ..., "step": ...}} for the parameters
-    this rank updates. State that does not exist yet (no step taken) is created first, so a
-    checkpoint load has tensors to write into."""
-    local = local_optimizer(optimizer)
-    _materialize_state(local)
-    owned = {id(p) for group in local.param_groups for p in group["params"]}
-    return {name: local.state[p] for name, p in model.named_parameters() if id(p) in owned}
+    """{parameter name: {"exp_avg": ..., "exp_avg_sq": ..., "step": ...}} of a plain AdamW. State
+    that does not exist yet (no step taken) is created first, so a checkpoint load has tensors to
+    write into."""
+    _materialize_state(optimizer)
+    return {name: optimizer.state[p] for name, p in model.named_parameters()}
 
 
 @torch.no_grad()

@@ -1,35 +1,30 @@
-"""Mixed precision: fp32 master weights and optimizer state always; the forward and backward run
-under bf16 autocast on GPUs (the default there), in fp32 on CPUs, or under fp16 autocast with
-dynamic loss scaling when asked for.
+"""Mixed precision as Megatron does it: `bf16`/`fp16` hold the model's weights in that dtype, with
+fp32 main weights and Adam state in the optimizer (`starcoder.parallel.distributed_optimizer`) and
+gradients accumulated and reduced in fp32 (`parallel.grad_reduce_in_fp32`). Nothing is re-cast per
+micro-batch and no autocast runs: activations and tensor-/sequence-parallel collectives are in the
+weights' dtype, while cross-entropy statistics, the loss, the gradient norm and the reductions of
+replicated gradients are fp32. `fp32` is fp32 throughout; `auto` is bf16 on GPUs and fp32 on CPUs.
 
-The loss scaler is Megatron's dynamic scaler rather than torch's GradScaler because the decision
-to skip a step must be global: it follows the all-reduced gradient norm
+The loss scaler (fp16) is Megatron's dynamic scaler rather than torch's GradScaler because the
+decision to skip a step must be global: it follows the all-reduced gradient norm
 (`starcoder.parallel.any_nonfinite`), so every rank backs off or grows the scale together.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from starcoder.config import TrainConfig
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def resolve_precision(t: TrainConfig, device: torch.device) -> str:
     if t.precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return t.precision
-
-
-def autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
 @dataclass
 class LossScaler:
     """Multiplies the loss by `scale` before backward (fp16 only; 1.0 otherwise). An overflow

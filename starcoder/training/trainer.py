@@ -53,8 +53,9 @@ from starcoder.training.checkpoint import (find_resume, load_checkpoint, remove_
 from starcoder.training.distributed import resolve_device
 from starcoder.training.metrics import (MetricsLogger, check_logging, mfu, peak_memory_gib,
                                         peak_tflops)
+from starcoder.parallel.distributed_optimizer import DistributedOptimizer
 from starcoder.training.optimizer import build_optimizer, set_lr
-from starcoder.training.precision import LossScaler, autocast, resolve_precision
+from starcoder.training.precision import LossScaler, resolve_precision
 from starcoder.training.schedule import lr_at
 from starcoder.training.signals import StopRequest
 
@@ -172,12 +173,18 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         self.model = build_model(cfg, self.grid, self.device)
-        self.optimizer = build_optimizer(self.model, cfg, self.grid, self.device)
+        resume, metadata = find_resume(self.run_dir, self.grid, t.verify_checksums)
+        if resume is None and t.init_from:  # into the fp32 model, before the optimizer copies it
+            try:
+                load_weights(self.model, t.init_from, self.grid)
+            except UserError as err:
+                raise ConfigError(f"train.init_from: {err}") from None
+            log.info("initialised weights from %s", t.init_from)
+        self.optimizer = build_optimizer(self.model, cfg, self.grid, self.device, self.precision)
         self.scaler = LossScaler.for_precision(self.precision, t)
         self.state = TrainState()
         self.last_saved = self.stopped_by = None
         self.stop = StopRequest()  # replaced by the installed one in `run`
-        resume, metadata = find_resume(self.run_dir, self.grid, t.verify_checksums)
         if resume is not None:
             if self.rank0:
                 warn_changed_settings(read_config(resume), cfg, resume)
@@ -188,13 +195,9 @@ class Trainer:
             self.last_saved = self.state.step
             log.info("resumed from %s (step %d, %d samples consumed)", resume, self.state.step,
                      self.state.consumed_samples)
-        elif t.init_from:
-            try:
-                load_weights(self.model, t.init_from, self.grid)
-            except UserError as err:
-                raise ConfigError(f"train.init_from: {err}") from None
-            log.info("initialised weights from %s", t.init_from)
 
+        # The grad-buffer path reduces from its own hooks; otherwise torch's DDP does.
+        self.buffered = isinstance(self.optimizer, DistributedOptimizer)
         self.ddp = self.model
         self.pipeline = None
         if self.grid.pp > 1:  # data-parallel gradients are summed after the schedule instead
@@ -205,11 +208,11 @@ class Trainer:
                                   "torch 2.13 fails its forward-only run); set 0, or use another "
                                   "schedule")
             self.pipeline = Pipeline(self.model, cfg.parallel, self.grid, self.accum, self.device)
-        elif self.grid.dp > 1:
+        elif self.grid.dp > 1 and not self.buffered:
             self.ddp = DistributedDataParallel(
                 self.model, process_group=self.grid.group("dp"),
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                gradient_as_bucket_view=True)
+                bucket_cap_mb=cfg.parallel.ddp_bucket_mb, gradient_as_bucket_view=True)
             self.ddp.register_comm_hook(self, _sum_gradients)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.tokens_per_step = t.global_batch_size * t.seq_length
@@ -257,19 +260,19 @@ class Trainer:
         # Each rank's own share: dividing the scale by the global count instead flushed 43% of
         # fp16 logit gradients to zero at StarCoder2-15B shapes (0.5% this way).
         scale = self.scaler.scale / max(mask_sum, 1.0)
-        self.token_share = mask_sum / max(count, 1.0)  # read by the DDP hook
+        self.token_share = mask_sum / max(count, 1.0)  # read by the DDP hook and the grad buffer
+        if self.buffered:
+            self.optimizer.buffer.weight = self.token_share
         if self.pipeline is None:
             loss_sum = self._forward_backward(micro_batches, scale)
         else:
             loss_sum = self._forward_backward_pipeline(micro_batches, scale)
         loss = self._dp_sum(loss_sum) / max(count, 1.0)
+        if self.buffered:
+            self.optimizer.buffer.finish_grad_sync()
         if self.grid.tp > 1:
             reduce_replicated_grads(self.model, self.grid)
-        if self.scaler.scale != 1.0:
-            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None],
-                                1.0 / self.scaler.scale)
-        clip = self.cfg.train.grad_clip
-        norm = clip_grad_norm_(self.params, clip, self.grid) if clip > 0 else grad_norm(self.params, self.grid)
+        norm = self._unscale_and_clip()
         skip = any_nonfinite(torch.stack([loss.float().reshape(()), norm]), self.grid)
         if not skip:
             set_lr(self.optimizer, lr)
@@ -279,31 +282,40 @@ class Trainer:
         return loss.item(), norm.item()
 
     def _forward_backward(self, micro_batches: list[dict], scale: float) -> torch.Tensor:
-        """Forward and backward of each micro-batch in turn (DDP sums the data-parallel gradients
-        in the last backward); returns this rank's sum of token losses."""
+        """Forward and backward of each micro-batch in turn (DDP or the grad buffer reduces the
+        data-parallel gradients from the last backward); returns this rank's sum of token losses."""
         loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
         for i, mb in enumerate(micro_batches):
             tokens = mb["tokens"].to(self.device, non_blocking=True)
             mask = mb["loss_mask"].to(self.device, non_blocking=True)
             last = i == len(micro_batches) - 1
+            if self.buffered:
+                self.optimizer.buffer.sync = last
             sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
             with sync:
-                with autocast(self.precision, self.device):
-                    losses = self.ddp(tokens[:, :-1], tokens[:, 1:])
+                losses = self.ddp(tokens[:, :-1], tokens[:, 1:])
                 summed = (losses * mask).sum()
                 (summed * scale).backward()
             loss_sum += summed.detach()
         return loss_sum
 
     def _forward_backward_pipeline(self, micro_batches: list[dict], scale: float) -> torch.Tensor:
-        """The step's micro-batches through the pipeline schedule, then the data-parallel and
-        tied-embedding gradient sums; returns the sum of token losses (held by the last stage,
+        """The step's micro-batches through the pipeline schedule, then the tied-embedding and
+        data-parallel gradient sums; returns the sum of token losses (held by the last stage,
         summed over the pipeline group so every rank has it)."""
         inputs, labels = self._pipeline_batch(micro_batches)
-        with autocast(self.precision, self.device):
-            loss_sum = self.pipeline.step(inputs, labels, scale)
-        reduce_data_parallel_grads(self.params, self.grid, weight=self.token_share)
-        self.pipeline.reduce_tied_grads()
+        if self.buffered:  # accumulate through the whole schedule, reduce after it
+            self.optimizer.buffer.sync = False
+        loss_sum = self.pipeline.step(inputs, labels, scale)
+        if self.buffered:
+            buffer = self.optimizer.buffer
+            buffer.fold_grads()  # what a split (zero-bubble) backward left in .grad
+            # Tied copies are summed before the data-parallel reduction (the sums commute), while
+            # every rank still holds its whole local gradient.
+            self.pipeline.reduce_tied_grads(main_grad=True)
+        else:
+            reduce_data_parallel_grads(self.params, self.grid, weight=self.token_share)
+            self.pipeline.reduce_tied_grads()
         dist.all_reduce(loss_sum, group=self.grid.group("pp"))
         return loss_sum
 
@@ -315,6 +327,21 @@ class Trainer:
         mask = torch.cat([mb["loss_mask"] for mb in micro_batches]).to(self.device)
         labels = tokens[:, 1:].masked_fill(mask == 0, -100)
         return tokens[:, :-1].contiguous(), labels
+
+    def _unscale_and_clip(self) -> torch.Tensor:
+        """Undo the loss scale, clip to `train.grad_clip`; returns the global norm before clipping."""
+        clip, opt = self.cfg.train.grad_clip, self.optimizer
+        if not self.buffered:
+            if self.scaler.scale != 1.0:
+                torch._foreach_mul_([p.grad for p in self.params if p.grad is not None],
+                                    1.0 / self.scaler.scale)
+            return clip_grad_norm_(self.params, clip, self.grid) if clip > 0 else grad_norm(self.params, self.grid)
+        if self.scaler.scale != 1.0:
+            opt.scale_grads(1.0 / self.scaler.scale)
+        norm = opt.grad_norm()
+        if clip > 0:
+            opt.scale_grads((clip / (norm + 1e-6)).clamp(max=1.0))
+        return norm
 
     def _account(self, loss: float, norm: float) -> None:
         """Advance the step; log, and count or stop on, non-finite steps."""
@@ -369,8 +396,7 @@ class Trainer:
             for mb in islice(loader, cfg.train.eval_steps * self.accum):
                 tokens = mb["tokens"].to(self.device)
                 mask = mb["loss_mask"].to(self.device)
-                with autocast(self.precision, self.device):
-                    losses = self.model(tokens[:, :-1], tokens[:, 1:])
+                losses = self.model(tokens[:, :-1], tokens[:, 1:])
                 totals[0] += (losses * mask).sum()
                 totals[1] += mask.sum()
         else:
@@ -392,8 +418,7 @@ class Trainer:
             if len(micro_batches) < self.accum:
                 break
             inputs, labels = self._pipeline_batch(micro_batches)
-            with autocast(self.precision, self.device):
-                loss_sum += self.pipeline.evaluate(inputs, labels)
+            loss_sum += self.pipeline.evaluate(inputs, labels)
             totals[1] += sum(mb["loss_mask"].sum() for mb in micro_batches)
         dist.all_reduce(loss_sum, group=self.grid.group("pp"))
         totals[0] += loss_sum[0]

@@ -33,6 +33,9 @@ CASES = {
 }
 
 
+FP16_TOL = 1e-3
+
+
 def reference_sets(name: str) -> tuple[str, ...]:
     return tuple(x for x in CASES[name][1] if not x.startswith("parallel."))
 
@@ -62,7 +65,11 @@ def test_pipeline_gives_the_single_process_numbers(runs, name):
     assert train_losses(ref)[-1] < train_losses(ref)[0] - 1.0  # it does train
     if name == "fp16-loss-scale":  # the scaled loss went through the schedule
         assert [r["loss_scale"] for r in metrics(folder) if "loss_scale" in r][-1] == 1024.0
-    assert matches(folder, ref, 0.0 if exact else PP_TOL, validation=name != "zbv-v2")
+    # fp16 holds the weights themselves in fp16 (fp32 main weights in the optimizer): the
+    # stages' partial gradient norms are summed in another order than one process sums them,
+    # and a last-bit difference in the clip factor moves an fp16 weight by one of its ulps.
+    tol = FP16_TOL if name == "fp16-loss-scale" else PP_TOL
+    assert matches(folder, ref, 0.0 if exact else tol, validation=name != "zbv-v2")
 
 
 @pytest.mark.parametrize("name", ["tied-1f1b", "tied-interleaved-v2", "1f1b"])

@@ -2,6 +2,7 @@
 parallel), checkpoints that resume on the other layout, ZeRO-1, and non-finite agreement. One
 world serves the whole module."""
 
+import math
 import shutil
 from pathlib import Path
 
@@ -57,9 +58,12 @@ def test_two_ranks_give_the_single_process_losses(world, corpus, reference, tmp_
 
     world.run(_train, corpus, str(tmp_path / "zero"),
               ["train.micro_batch_size=2", "parallel.distributed_optimizer=true"])
-    assert losses(tmp_path / "zero") == losses(tmp_path / "dp")  # ZeRO-1 is exact
+    # The distributed optimizer at DP 2: these 4 steps give the same losses bit for bit; the norm,
+    # summed over shards in another order, is equal to 1e-5 relative.
+    assert losses(tmp_path / "zero") == losses(tmp_path / "dp")
     grad_norms = [r["grad_norm"] for r in metrics(tmp_path / "zero")]
-    assert grad_norms == [r["grad_norm"] for r in metrics(tmp_path / "dp")]
+    assert all(math.isclose(a, r["grad_norm"], rel_tol=1e-5)
+               for a, r in zip(grad_norms, metrics(tmp_path / "dp"), strict=True))
 
 
 def test_checkpoints_resume_on_the_other_layout(world, corpus, reference, tmp_path):
