@@ -112,6 +112,9 @@ class ParallelConfig:
     # Shard optimizer state across data-parallel ranks (ZeRO-1, Megatron's distributed optimizer).
     distributed_optimizer: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: NCCL on GPUs, gloo on CPU
+    # A collective that waits longer than this fails on every rank (exit non-zero, so a batch
+    # script can requeue), instead of gloo's and NCCL's 30 minutes. Above one checkpoint save.
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
@@ -407,6 +410,8 @@ def _validate(cfg: Config) -> None:
 
     tp = p.tensor_parallel
     need(tp >= 1, "parallel.tensor_parallel", f"must be at least 1, got {tp}")
+    need(p.collective_timeout_s > 0, "parallel.collective_timeout_s",
+         f"must be positive (seconds), got {p.collective_timeout_s}")
     need(p.pipeline_parallel >= 1, "parallel.pipeline_parallel", f"must be at least 1, got {p.pipeline_parallel}")
     need(m.num_attention_heads % tp == 0, "parallel.tensor_parallel",
          f"model.num_attention_heads ({m.num_attention_heads}) is not divisible by {tp}")

@@ -17,6 +17,8 @@ COMMANDS = {
     "preprocess": ("preprocess", "tokenise a corpus into Megatron .bin/.idx files"),
     "convert": ("convert", "convert between native checkpoints and Hugging Face models"),
     "curate": ("curate", "curate a code corpus: dedup, filters, PII redaction, decontamination"),
+    "launch": ("launch", "check a SLURM launch, write its sbatch script into the run folder, submit it"),
+    "status": ("status", "summarise a run folder: steps, last checkpoint, restarts, last log lines"),
     "info": ("info", "print a model's architecture, parameter count and FLOPs per token"),
     "demo": ("demo", "the embedded default run: train tiny-sc2 on the Python stdlib, export, complete"),
 }
