@@ -54,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from starcoder.launch import SlurmJob, check_launch, render
+    from starcoder.launch.checks import schedule_problems
 
     for name in ("nodes", "gpus_per_node", "cpu_tasks_per_node", "cpus_per_task", "signal_lead"):
         value = getattr(args, name)
@@ -64,6 +65,7 @@ def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     tasks = args.cpu_tasks_per_node or args.gpus_per_node
     layout, problems = check_launch(cfg, args.nodes, tasks)
+    problems += schedule_problems(args.time, args.signal_lead)
     print(layout.describe())
     if problems:
         for problem in problems:

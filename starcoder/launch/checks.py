@@ -76,3 +76,34 @@ def _output_problems(output_dir: str) -> list[str]:
     if not os.access(existing, os.W_OK | os.X_OK):
         return [f"train.output_dir: {existing} is not writable"]
     return []
+
+
+def time_limit_seconds(limit: str) -> int | None:
+    """SLURM's --time formats (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in seconds; None if
+    it is none of them."""
+    days, _, rest = limit.partition("-") if "-" in limit else ("0", "", limit)
+    try:
+        parts = [int(x) for x in rest.split(":")]
+        day_count = int(days)
+    except ValueError:
+        return None
+    if "-" in limit:  # D-HH[:MM[:SS]]
+        if len(parts) > 3:
+            return None
+        h, m, s = (parts + [0, 0])[:3]
+    else:  # MM, MM:SS or HH:MM:SS
+        if len(parts) > 3:
+            return None
+        h, m, s = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
+    return ((day_count * 24 + h) * 60 + m) * 60 + s
+
+
+def schedule_problems(limit: str, signal_lead: int) -> list[str]:
+    """The time limit must parse, and USR1 must come after the job starts."""
+    seconds = time_limit_seconds(limit)
+    if seconds is None:
+        return [f"--time: {limit!r} is not a SLURM time (HH:MM:SS, D-HH:MM:SS or minutes)"]
+    if signal_lead >= seconds:
+        return [f"--signal-lead: {signal_lead} s is not below the time limit --time {limit} "
+                f"({seconds} s): USR1 would stop every run at once"]
+    return []
