@@ -1,7 +1,9 @@
 """Scripts written by `starcoder launch`, run by a real single-node Slurm on localhost (2 CPU tasks,
 gloo, a tiny model): (a) USR1 to the batch shell as before the time limit -> checkpoint, requeue,
 resume, finish; (b) one rank SIGKILLed mid-run -> requeue, resume from the last checkpoint;
-(c) uninterrupted -> no requeue. (a) and (b) log the same losses as (c), bit for bit.
+(c) uninterrupted -> no requeue; (d) one rank stopped (SIGSTOP) mid-run, a hung collective ->
+parallel.collective_timeout_s fails rank 0, srun ends the step, requeue, resume. (a), (b) and (d)
+log the same losses as (c), bit for bit.
 
 The three jobs are submitted together and run one after another (each takes the node's 2 CPUs)."""
 
@@ -21,14 +23,15 @@ from tests.slurm.cluster import slurm  # noqa: F401  (the fixture)
 from tests.training.helpers import TINY, make_corpus, metrics
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS, SAVE_EVERY = 300, 50
+STEPS, SAVE_EVERY = 160, 40
+HANG_TIMEOUT = 5  # parallel.collective_timeout_s of job (d)
 
 
-def launch(corpus, run: Path, *extra: str) -> tuple[Path, str]:
+def launch(corpus, run: Path, *extra_sets: str) -> tuple[Path, str]:
     sets = [*TINY, f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}", "log.every=1",
-            f"data.paths=[{corpus}]", f"train.output_dir={run}"]
+            f"data.paths=[{corpus}]", f"train.output_dir={run}", *extra_sets]
     argv = ["launch", "--config", "tiny-sc2", "--nodes", "1", "--cpu-tasks-per-node", "2",
-            "--time", "00:30:00", "--signal-lead", "60", "--max-restarts", "2", *extra]
+            "--time", "00:30:00", "--signal-lead", "60", "--max-restarts", "2"]
     for item in sets:
         argv += ["--set", item]
     out = io.StringIO()
@@ -94,7 +97,8 @@ def runs(slurm, tmp_path_factory):
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
         jobs = {name: launch(corpus, tmp / name) for name in ("usr1", "kill", "plain")}
-        usr1, kill = (tmp / "usr1", jobs["usr1"][1]), (tmp / "kill", jobs["kill"][1])
+        jobs["hang"] = launch(corpus, tmp / "hang", f"parallel.collective_timeout_s={HANG_TIMEOUT}")
+        usr1, kill, hang = ((tmp / name, jobs[name][1]) for name in ("usr1", "kill", "hang"))
 
         # (a) past the first checkpoint, USR1 to the batch shell, as --signal=B:USR1@lead does.
         wait_for(lambda: steps_done(usr1[0]) >= SAVE_EVERY + 10, "job (a) to train")
@@ -102,6 +106,9 @@ def runs(slurm, tmp_path_factory):
         # (b) past the first checkpoint, SIGKILL to rank 1.
         wait_for(lambda: steps_done(kill[0]) >= SAVE_EVERY + 10 and rank_pid(kill[1], 1), "job (b) to train")
         os.kill(rank_pid(kill[1], 1), signal.SIGKILL)
+        # (d) past the first checkpoint, SIGSTOP to rank 1: rank 0 waits in a collective.
+        wait_for(lambda: steps_done(hang[0]) >= SAVE_EVERY + 10 and rank_pid(hang[1], 1), "job (d) to train")
+        os.kill(rank_pid(hang[1], 1), signal.SIGSTOP)
 
         for name, (script, job) in jobs.items():
             wait_for(lambda: finished(job, tmp / name), f"job {name} to finish", timeout=200)
@@ -165,3 +172,14 @@ def test_a_killed_rank_requeues_and_resumes_from_the_last_checkpoint(runs):
     assert losses(run) == losses(runs["plain"][0])  # bit for bit
     text = status(run)
     assert "restarts: 1 (1 after failures)" in text and "the step failed" in text, text
+
+
+def test_a_hung_collective_times_out_requeues_and_resumes(runs):
+    run, info = runs["hang"]
+    assert info["Restarts"] == "1" and info["JobState"] == "COMPLETED", info
+    (record,) = restarts(run)
+    assert record["cause"] == "failure" and record["requeued"] is True and record["exit_status"] != 0, record
+    log = slurm_log(run)
+    assert "timed out" in log.lower() or "timeout" in log.lower(), log  # gloo's error on rank 0
+    assert f"resumed from {run}/checkpoints/{record['checkpoint']}" in log
+    assert losses(run) == losses(runs["plain"][0])  # bit for bit
