@@ -18,11 +18,11 @@ from starcoder.launch.script import SlurmJob, render  # noqa: E402
 def templates() -> dict[Path, str]:
     out = {ROOT / "tools" / "train.sbatch": render(SlurmJob(
         run_dir="runs/default", config=None, nodes=1, gpus_per_node=8,
-        title="the generic template: pass --config and --set to sbatch after the script, set the "
-              "run folder with RUN=... (e.g. `sbatch --nodes=4 --export=ALL,RUN=/ckpt/sc2-3b "
-              "tools/train.sbatch --config starcoder2-3b --set data.paths=[/data/stack] "
-              "--set data.tokenizer=/models/starcoder2`); mkdir -p the run folder first, SLURM "
-              "opens its log there"))}
+        title="the generic template: pass --config and --set to sbatch after the script and name "
+              "the run folder with RUN and --output, e.g. `mkdir -p /ckpt/sc2-3b && sbatch --nodes=4 "
+              "--export=ALL,RUN=/ckpt/sc2-3b --output=/ckpt/sc2-3b/slurm-%j.out tools/train.sbatch "
+              "--config starcoder2-3b --set data.paths=[/data/stack] --set "
+              "data.tokenizer=/models/starcoder2`"))}
     for preset, layout in PAPER_LAYOUTS.items():
         run_dir = load_config(preset).train.output_dir
         out[ROOT / "tools" / "slurm" / f"{preset}.sbatch"] = render(SlurmJob(
