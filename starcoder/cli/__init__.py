@@ -17,6 +17,7 @@ COMMANDS = {
     "preprocess": ("preprocess", "tokenise a corpus into Megatron .bin/.idx files"),
     "convert": ("convert", "convert between native checkpoints and Hugging Face models"),
     "curate": ("curate", "curate a code corpus: dedup, filters, PII redaction, decontamination"),
+    "plan": ("plan", "per-GPU memory and communication of a layout, and the layouts that fit"),
     "info": ("info", "print a model's architecture, parameter count and FLOPs per token"),
     "demo": ("demo", "the embedded default run: train tiny-sc2 on the Python stdlib, export, complete"),
 }
