@@ -48,13 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-restarts", type=int, default=3, metavar="K",
                         help="requeues after failures (dead rank, hung collective); time-limit "
                              "requeues do not count (default 3)")
+    parser.add_argument("--gpu-memory-gib", type=float, default=80, metavar="GIB",
+                        help="memory of one GPU, for the dry run's estimate (default 80)")
     parser.add_argument("--dry-run", action="store_true",
                         help="check everything and write the script, but do not submit it")
 
 
 def run(args) -> int:
     from starcoder.launch import SlurmJob, check_launch, render
-    from starcoder.launch.checks import schedule_problems
+    from starcoder.launch.checks import memory_check, schedule_problems
 
     for name in ("nodes", "gpus_per_node", "cpu_tasks_per_node", "cpus_per_task", "signal_lead"):
         value = getattr(args, name)
@@ -67,6 +69,12 @@ def run(args) -> int:
     layout, problems = check_launch(cfg, args.nodes, tasks)
     problems += schedule_problems(args.time, args.signal_lead)
     print(layout.describe())
+    if layout.accumulation is not None:
+        plan, too_big = memory_check(cfg, layout, int(args.gpu_memory_gib * 2**30))
+        print(f"memory per {'rank' if args.cpu_tasks_per_node else 'GPU'} (starcoder plan): "
+              f"{plan.total / 2**30:.1f} GiB of {args.gpu_memory_gib:g} GiB, largest term "
+              f"{plan.dominant}")
+        problems += [] if args.cpu_tasks_per_node else too_big  # CPU memory is not GPU memory
     if problems:
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from starcoder.config import Config
+from starcoder.planning import Plan, plan_layout
 
 
 @dataclass
@@ -48,6 +49,17 @@ def check_launch(cfg: Config, nodes: int, tasks_per_node: int) -> tuple[Layout, 
             accum = t.global_batch_size // (t.micro_batch_size * dp)
     problems += _data_problems(cfg) + _output_problems(t.output_dir)
     return Layout(nodes, tasks_per_node, world, p.tensor_parallel, p.pipeline_parallel, dp, accum), problems
+
+
+def memory_check(cfg: Config, layout: Layout, gpu_memory: int) -> tuple[Plan, list[str]]:
+    """`starcoder plan`'s per-GPU memory estimate of a layout whose arithmetic holds, and a problem
+    when it exceeds `gpu_memory`."""
+    plan = plan_layout(cfg, layout.nodes, layout.tasks_per_node, gpu_memory)
+    if plan.fits:
+        return plan, []
+    return plan, [f"train.micro_batch_size: the per-GPU memory estimate {plan.total / 2**30:.1f} GiB "
+                  f"exceeds {gpu_memory / 2**30:.0f} GiB (largest term: {plan.dominant}); lower it, "
+                  "set model.recompute, or see `starcoder plan --nodes N` for layouts that fit"]
 
 
 def _data_problems(cfg: Config) -> list[str]:

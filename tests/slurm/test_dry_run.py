@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from starcoder.cli import main
+from starcoder.config import load_config
 from starcoder.launch.layouts import PAPER_LAYOUTS
+from starcoder.planning import plan_layout
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,6 +57,9 @@ def test_every_template_layout_dry_runs(capsys, data, tmp_path, preset):
     assert code == 0 and err == [], err
     assert out[0] == (f"world size {world} ({nodes} nodes x 8 tasks) = TP {tp} x PP {pp} x DP {dp}; "
                       f"{accum} micro-batch(es) per rank per step")
+    plan = plan_layout(load_config(preset, [*layout.overrides, *data]), nodes, 8)
+    assert plan.fits and out[1] == (f"memory per GPU (starcoder plan): {plan.total / 2**30:.1f} GiB of "
+                                    f"80 GiB, largest term {plan.dominant}")
     script = Path(out[-1])
     assert script == tmp_path / "run" / "launch.sbatch"
     text = script.read_text()
@@ -91,6 +96,10 @@ MISTAKES = {
                           "data.tokenizer: /nonexistent/tokenizer.json not found"),
     "output not writable": ("starcoder2-3b", 16, [], ["train.output_dir={tmp}/a_file/run"],
                             "train.output_dir: {tmp}/a_file is not a folder"),
+    "memory over the GPU's": ("starcoder-15b", 64, ["--gpu-memory-gib", "24"], ["parallel.pipeline_parallel=4"],
+                              "train.micro_batch_size: the per-GPU memory estimate 30.8 GiB exceeds 24 GiB "
+                              "(largest term: activations); lower it, set model.recompute, or see "
+                              "`starcoder plan --nodes N` for layouts that fit"),
     "signal after the time limit": ("starcoder2-3b", 16, ["--time", "00:05:00"], [],
                                     "--signal-lead: 600 s is not below the time limit --time 00:05:00 "
                                     "(300 s): USR1 would stop every run at once"),
