@@ -128,6 +128,9 @@ class ParallelConfig:
     # 25 MB default's ~640 latency-bound inter-node reductions, still enough to overlap backward.
     ddp_bucket_mb: float = 160.0
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: NCCL on GPUs, gloo on CPU
+    # A collective that waits longer than this fails on every rank (exit non-zero, so a batch
+    # script can requeue), instead of gloo's and NCCL's 30 minutes. Above one checkpoint save.
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
@@ -427,6 +430,8 @@ def _validate(cfg: Config) -> None:
 
     tp = p.tensor_parallel
     need(tp >= 1, "parallel.tensor_parallel", f"must be at least 1, got {tp}")
+    need(p.collective_timeout_s > 0, "parallel.collective_timeout_s",
+         f"must be positive (seconds), got {p.collective_timeout_s}")
     need(p.pipeline_parallel >= 1, "parallel.pipeline_parallel", f"must be at least 1, got {p.pipeline_parallel}")
     need(p.ddp_bucket_mb > 0, "parallel.ddp_bucket_mb", f"must be positive, got {p.ddp_bucket_mb}")
     need(m.num_attention_heads % tp == 0, "parallel.tensor_parallel",

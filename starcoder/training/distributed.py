@@ -14,6 +14,7 @@ import contextlib
 import gc
 import os
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -60,7 +61,8 @@ def distributed_session(cfg: Config):
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(default_backend(cfg.parallel, device))
+    dist.init_process_group(default_backend(cfg.parallel, device),
+                            timeout=timedelta(seconds=cfg.parallel.collective_timeout_s))
     try:
         yield
     finally:
