@@ -85,8 +85,9 @@ def activation_tensors(m: ModelConfig, tp: int, sp: bool, micro_batch: int, seq:
     """Bytes one block saves for backward per micro-batch on one TP rank, by tensor.
 
     `attention_path`: `flash` (the Triton kernel, or SDPA's flash kernels: q, k, v, the output and
-    an fp32 log-sum-exp per query) or `math` (SDPA with an explicit mask: the [heads, s, s]
-    probabilities are saved, and K/V are expanded to the query heads).
+    an fp32 log-sum-exp per query), `sdpa-mask` (CPU SDPA's flash kernel with a window mask: the
+    same plus an [s, s] additive mask per call) or `math` (CUDA SDPA with a mask and GQA: the
+    [heads, s, s] probabilities are saved, and K/V are expanded to the query heads).
     """
     e, b, s, h = dtype_bytes, micro_batch, seq, m.hidden_size
     d, f = m.head_dim, m.ffn_size
@@ -100,17 +101,21 @@ def activation_tensors(m: ModelConfig, tp: int, sp: bool, micro_batch: int, seq:
     t["attn_norm input"] = local * h * e
     t["attn_norm mean, rstd"] = 2 * local * 4
     t["q/kv input"] = tokens * h * e
+    # v is a view of kv_proj's output, which therefore stays whole; RoPE makes k a new tensor.
+    qkv = tokens * (heads + 2 * kv_heads + (kv_heads if m.position_embedding == "rope" else 0)) * d * e
     if recompute != "selective":
-        t["attention q, k, v"] = tokens * (heads + 2 * kv_heads) * d * e
-        if attention_path == "flash":
+        t["attention q, k, v"] = qkv
+        if attention_path in ("flash", "sdpa-mask"):
             t["attention output"] = tokens * heads * d * e
             t["attention log-sum-exp"] = tokens * heads * 4
+            if attention_path == "sdpa-mask":  # SDPA turns the boolean mask into an additive one
+                t["attention mask"] = s * s * e
         else:
             t["attention k, v expanded"] = 2 * tokens * heads * d * e if kv_heads < heads else 0
             t["attention probabilities"] = b * heads * s * s * e
             t["attention output"] = tokens * heads * d * e
     else:
-        t["attention q, k, v"] = tokens * (heads + 2 * kv_heads) * d * e  # the checkpoint's inputs
+        t["attention q, k, v"] = qkv  # the checkpoint's inputs
         t["attention output"] = tokens * heads * d * e
     t["mlp_norm input"] = local * h * e
     t["mlp_norm mean, rstd"] = 2 * local * 4
