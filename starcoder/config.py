@@ -190,6 +190,9 @@ class TrainConfig:
     eval_humaneval_every: int = 0
     eval_humaneval_limit: Optional[int] = None  # None: all 164
     max_nonfinite_steps: int = 10  # skipped non-finite steps tolerated before the run stops
+    # [a, b]: a torch.profiler trace (and on CUDA a memory snapshot) of steps a..b, written to
+    # <output_dir>/profile/. None: no profiling.
+    profile_steps: Optional[list[int]] = None
 
 
 @dataclass
@@ -475,6 +478,9 @@ def _validate(cfg: Config) -> None:
     need(t.eval_humaneval_limit is None or 1 <= t.eval_humaneval_limit <= 164,
          "train.eval_humaneval_limit", f"must be in [1, 164] (or null), got {t.eval_humaneval_limit}")
     need(t.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be non-negative")
+    steps = t.profile_steps
+    need(steps is None or (len(steps) == 2 and 1 <= steps[0] <= steps[1]), "train.profile_steps",
+         f"expected [first, last] steps with 1 <= first <= last, got {steps}")
     need(lg.every >= 1, "log.every", f"must be at least 1, got {lg.every}")
     need(lg.peak_tflops is None or lg.peak_tflops > 0, "log.peak_tflops", "must be positive")
 

@@ -69,6 +69,7 @@ BAD = [
     (["data.paths=['nan x']"], "data.paths[0].weight: must be a positive finite number, got nan"),
     (["model.hidden_size=[64"], "--set model.hidden_size=[64: the value is not valid YAML (line 1"),
     (["log.every=0"], "log.every: must be at least 1, got 0"),
+    (["train.profile_steps=[3, 2]"], "train.profile_steps: expected [first, last] steps with 1 <= first"),
     (["train.lr"], "--set 'train.lr': expected section.key=value"),
 ]
 

@@ -6,7 +6,8 @@ a roofline step time. The formulas are in docs/plan.md; the activation terms are
 saved-tensor measurements in tests/planning.
 """
 
-from starcoder.planning.memory import Plan, activation_tensors, parameters_per_rank, plan_layout
+from starcoder.planning.memory import Plan, activation_tensors, plan_layout
+from starcoder.planning.parameters import parameters_per_rank
 from starcoder.planning.roofline import Hardware, rank_layouts, step_time
 
 __all__ = ["Plan", "Hardware", "activation_tensors", "parameters_per_rank", "plan_layout",

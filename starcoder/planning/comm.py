@@ -8,6 +8,7 @@ all-gather and reduce-scatter (n-1)/n x B, a pipeline send B, for a tensor of B 
 from __future__ import annotations
 
 from starcoder.config import Config
+from starcoder.planning.parameters import BYTES, parameters_per_rank, stage_layers
 
 
 def _ring(kind: str, n: int, nbytes: float) -> float:
@@ -18,8 +19,6 @@ def _ring(kind: str, n: int, nbytes: float) -> float:
 
 def comm_bytes(cfg: Config, dp: int, accumulation: int) -> dict[str, int]:
     """{"tp": ..., "dp": ..., "pp": ...} bytes sent per rank per step (the busiest stage)."""
-    from starcoder.planning.memory import BYTES, parameters_per_rank, stage_layers
-
     m, p, t = cfg.model, cfg.parallel, cfg.train
     tp, pp = p.tensor_parallel, p.pipeline_parallel
     precision = "bf16" if t.precision == "auto" else t.precision

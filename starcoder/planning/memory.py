@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 from starcoder.config import Config, ConfigError, ModelConfig, accumulation_steps
 from starcoder.planning.comm import comm_bytes
+from starcoder.planning.parameters import BYTES, parameters_per_rank, stage_layers
 
 GiB = 2 ** 30
 # CUDA context, NCCL buffers and allocator fragmentation: a flat allowance (see docs/plan.md).
 WORKSPACE_BYTES = 3 * GiB
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 @dataclass
@@ -51,42 +51,15 @@ class Plan:
                 "notes": list(self.notes)}
 
 
-def stage_layers(cfg: Config) -> list[int]:
-    """Blocks per pipeline stage (model chunks of one rank summed)."""
-    p = cfg.parallel
-    pp, v = p.pipeline_parallel, getattr(p, "virtual_pipeline", 1)
-    chunks = getattr(p, "pipeline_layers", None) or [cfg.model.num_layers // (pp * v)] * (pp * v)
-    # Chunk c runs on rank c % pp (interleaved placement).
-    return [sum(chunks[c] for c in range(rank, pp * v, pp)) for rank in range(pp)]
-
-
-def parameters_per_rank(m: ModelConfig, tp: int, layers: int, first: bool, last: bool,
-                        pp: int = 1) -> int:
-    """Parameters one TP rank of a pipeline stage holds (padded vocabulary rows included)."""
-    h, f, d, g = m.hidden_size, m.ffn_size, m.head_dim, m.num_query_groups
-    q_rows = m.num_attention_heads * d // tp
-    kv_rows = 2 * d * g // tp if g % tp == 0 else 2 * d  # KV heads copied when fewer than ranks
-    block = ((h + 1) * q_rows + (h + 1) * kv_rows + (q_rows * h + h)  # q, kv, out (+ biases)
-             + (h + 1) * (f // tp) + (f // tp * h + h) + 4 * h)  # fc_in, fc_out, two LayerNorms
-    vocab_rows = m.padded_vocab_size(tp) // tp
-    n = layers * block
-    if first:
-        n += vocab_rows * h + (m.max_position_embeddings * h if m.position_embedding == "learned" else 0)
-    if last:
-        n += 2 * h
-        if not m.tie_word_embeddings or (pp > 1 and not first):
-            n += vocab_rows * h  # untied head, or the last stage's copy of the tied embedding
-    return n
-
-
 def activation_tensors(m: ModelConfig, tp: int, sp: bool, micro_batch: int, seq: int,
                        dtype_bytes: int, recompute: str, attention_path: str = "flash"
                        ) -> dict[str, int]:
     """Bytes one block saves for backward per micro-batch on one TP rank, by tensor.
 
     `attention_path`: `flash` (the Triton kernel, or SDPA's flash kernels: q, k, v, the output and
-    an fp32 log-sum-exp per query) or `math` (SDPA with an explicit mask: the [heads, s, s]
-    probabilities are saved, and K/V are expanded to the query heads).
+    an fp32 log-sum-exp per query), `sdpa-mask` (CPU SDPA's flash kernel with a window mask: the
+    same plus an [s, s] additive mask per call) or `math` (CUDA SDPA with a mask and GQA: the
+    [heads, s, s] probabilities are saved, and K/V are expanded to the query heads).
     """
     e, b, s, h = dtype_bytes, micro_batch, seq, m.hidden_size
     d, f = m.head_dim, m.ffn_size
@@ -100,17 +73,21 @@ def activation_tensors(m: ModelConfig, tp: int, sp: bool, micro_batch: int, seq:
     t["attn_norm input"] = local * h * e
     t["attn_norm mean, rstd"] = 2 * local * 4
     t["q/kv input"] = tokens * h * e
+    # v is a view of kv_proj's output, which therefore stays whole; RoPE makes k a new tensor.
+    qkv = tokens * (heads + 2 * kv_heads + (kv_heads if m.position_embedding == "rope" else 0)) * d * e
     if recompute != "selective":
-        t["attention q, k, v"] = tokens * (heads + 2 * kv_heads) * d * e
-        if attention_path == "flash":
+        t["attention q, k, v"] = qkv
+        if attention_path in ("flash", "sdpa-mask"):
             t["attention output"] = tokens * heads * d * e
             t["attention log-sum-exp"] = tokens * heads * 4
+            if attention_path == "sdpa-mask":  # SDPA turns the boolean mask into an additive one
+                t["attention mask"] = s * s * e
         else:
             t["attention k, v expanded"] = 2 * tokens * heads * d * e if kv_heads < heads else 0
             t["attention probabilities"] = b * heads * s * s * e
             t["attention output"] = tokens * heads * d * e
     else:
-        t["attention q, k, v"] = tokens * (heads + 2 * kv_heads) * d * e  # the checkpoint's inputs
+        t["attention q, k, v"] = qkv  # the checkpoint's inputs
         t["attention output"] = tokens * heads * d * e
     t["mlp_norm input"] = local * h * e
     t["mlp_norm mean, rstd"] = 2 * local * 4

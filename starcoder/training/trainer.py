@@ -56,6 +56,7 @@ from starcoder.training.metrics import (MetricsLogger, check_logging, mfu, peak_
 from starcoder.parallel.distributed_optimizer import DistributedOptimizer
 from starcoder.training.optimizer import build_optimizer, set_lr
 from starcoder.training.precision import LossScaler, resolve_precision
+from starcoder.training.profiling import StepProfiler
 from starcoder.training.schedule import lr_at
 from starcoder.training.signals import StopRequest
 
@@ -219,6 +220,7 @@ class Trainer:
         self.flops_per_token = model_flops_per_token(cfg.model, t.seq_length)
         self.peak = peak_tflops(self.device, cfg.log.peak_tflops)
         self.logger = MetricsLogger(cfg, self.run_dir, self.rank0, self.state.step)
+        self.profiler = StepProfiler(t.profile_steps, self.run_dir, self.device, self.grid.rank)
 
     def run(self, stop: StopRequest) -> TrainState:
         cfg, t, state = self.cfg, self.cfg.train, self.state
@@ -240,8 +242,10 @@ class Trainer:
                 self.logger.echo(f"received {self.stopped_by}: stopping at step {state.step}")
                 break
             micro_batches = [next(batches) for _ in range(self.accum)]  # the loader never ends
+            self.profiler.before_step(state.step + 1)
             loss, norm = self.train_step(micro_batches, lr_at(state.step + 1, t))
             self._account(loss, norm)
+            self.profiler.after_step(state.step)
             if t.eval_every and state.step % t.eval_every == 0:
                 self.evaluate()
             if humaneval is not None:

@@ -1,6 +1,7 @@
 """The training loop in one process: outputs, recomputation, non-finite steps, init_from and the
 start-up errors that name their config key."""
 
+import json
 import math
 
 import pytest
@@ -176,3 +177,12 @@ def test_wandb_logs_offline_without_a_key(corpus, tmp_path, monkeypatch):
     train(tiny_config(corpus, tmp_path, "train.max_steps=2", "log.every=1", "log.wandb=true"))
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_profile_steps_write_a_trace(corpus, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(corpus, run, "train.max_steps=3", "train.profile_steps=[2, 3]"))
+    (trace,) = (run / "profile").iterdir()
+    assert trace.name == "steps_2-3_rank0.trace.json"
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(e.get("name", "").startswith("aten::mm") for e in events)

@@ -1,0 +1,91 @@
+"""The planner's activation bytes equal what one block saves for backward (saved-tensor hooks),
+for tiny-sc1 and tiny-sc2, every recompute mode, fp32 and bf16, TP 1 and TP 2 with SP on and off."""
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from starcoder.config import ParallelConfig, load_config
+from starcoder.models import GPT
+from starcoder.models.attention import sliding_window_mask
+from starcoder.parallel import init_grid, parallelize
+from starcoder.planning import activation_tensors
+from tests.distributed import World
+
+MICRO_BATCH = 2
+CASES = [(name, mode, dtype) for name in ("tiny-sc1", "tiny-sc2")
+         for mode in ("none", "selective", "full") for dtype in (torch.float32, torch.bfloat16)]
+
+
+def saved_block_bytes(model: GPT, x: torch.Tensor, mode: str) -> int:
+    """Bytes of the distinct storages block 0 saves for backward, leaving out what every block
+    shares (parameters, RoPE tables, the sliding-window mask)."""
+    seq = x.shape[1] * (model.blocks["0"].attn.q_proj.grid.tp
+                        if getattr(model.blocks["0"].attn.q_proj, "grid", None)
+                        and model.blocks["0"].attn.q_proj.grid.sequence_parallel else 1)
+    rope = model._rope(seq, x.device)
+    shared = [*model.parameters(), *(rope or ())]
+    if model.cfg.sliding_window:
+        shared.append(sliding_window_mask(seq, seq, model.cfg.sliding_window, True, x.device))
+    skip = {t.untyped_storage().data_ptr() for t in shared}
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+    block = model.blocks["0"]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = checkpoint(block, x, rope, use_reentrant=False) if mode == "full" else block(x, rope)
+    y.float().sum().backward()
+    return sum(storages.values())
+
+
+def measure_and_predict(name, mode, dtype, tp=1, sp=False, grid=None):
+    cfg = load_config(name, [f"model.recompute={mode}", f"parallel.tensor_parallel={tp}",
+                             f"parallel.sequence_parallel={str(sp).lower()}"])
+    torch.manual_seed(0)
+    model = GPT(cfg.model, padded_vocab_size=cfg.model.padded_vocab_size(tp))
+    if grid is not None:
+        model = parallelize(model, grid)
+    model = model.to(dtype).train()
+    seq = cfg.train.seq_length
+    x = torch.randn(MICRO_BATCH, seq // tp if sp else seq, cfg.model.hidden_size, dtype=dtype,
+                    requires_grad=True)
+    measured = saved_block_bytes(model, x, mode)
+    # CPU SDPA serves a window mask with its flash kernel (plus an additive copy of the mask).
+    path = "sdpa-mask" if cfg.model.sliding_window else "flash"
+    predicted = sum(activation_tensors(cfg.model, tp, sp, MICRO_BATCH, seq, dtype.itemsize, mode,
+                                       path).values())
+    return measured, predicted
+
+
+@pytest.mark.parametrize("name, mode, dtype", CASES)
+def test_planner_equals_measured_bytes_tp1(name, mode, dtype):
+    measured, predicted = measure_and_predict(name, mode, dtype)
+    assert abs(predicted / measured - 1) < 0.05, (measured, predicted)
+
+
+def _tp2_cases():
+    grids = {sp: init_grid(ParallelConfig(tensor_parallel=2, sequence_parallel=sp)) for sp in (False, True)}
+    out = []
+    for name, mode, dtype in CASES:
+        for sp in (False, True):
+            grid = grids[sp]
+            grid.sequence_parallel = sp
+            out.append((name, mode, str(dtype), sp, *measure_and_predict(name, mode, dtype, 2, sp, grid)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def world():
+    w = World(2)
+    yield w
+    w.close()
+
+
+def test_planner_equals_measured_bytes_tp2(world):
+    for rank_results in world.run(_tp2_cases):
+        for name, mode, dtype, sp, measured, predicted in rank_results:
+            assert abs(predicted / measured - 1) < 0.05, (name, mode, dtype, sp, measured, predicted)
