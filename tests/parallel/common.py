@@ -71,3 +71,23 @@ def copies_identical(tensors_by_param, g) -> bool:
         dist.all_gather(parts, flat, group=group)
         same &= all(torch.equal(parts[0], p) for p in parts[1:])
     return same
+
+
+def trained_parameters(cfg) -> dict:
+    """Train `cfg` on this rank (the trainer itself) and return its trained parameters:
+    {name: (full shape, this rank's slices as (start, stop) pairs, tensor)}."""
+    from starcoder.training.signals import StopRequest
+    from starcoder.training.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        with StopRequest() as stop:
+            trainer.run(stop)
+    finally:
+        trainer.close()
+    out = {}
+    for name, p in trainer.model.named_parameters():
+        shape = tuple(getattr(p, "full_shape", p.shape))
+        slices = tuple(s.indices(n)[:2] for s, n in zip(getattr(p, "shard_slices", ()), shape))
+        out[name] = shape, slices, p.detach().clone()
+    return out

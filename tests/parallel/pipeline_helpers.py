@@ -16,8 +16,7 @@ import shutil
 from pathlib import Path
 
 from starcoder.config import load_config
-from starcoder.training.signals import StopRequest
-from starcoder.training.trainer import Trainer
+from tests.parallel.common import trained_parameters
 from tests.training.helpers import metrics
 
 SMALL = ["model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
@@ -45,18 +44,8 @@ def layout(tp: int, pp: int, *more: str, sp: bool = False) -> list[str]:
 def train_rank(preset: str, corpus: str, out: str, overrides: list[str]) -> dict:
     """The trainer on this rank; returns {name: (this rank's slices as (start, stop) pairs,
     tensor)} of its trained parameters."""
-    trainer = Trainer(config(preset, corpus, out, *overrides))
-    try:
-        with StopRequest() as stop:
-            trainer.run(stop)
-    finally:
-        trainer.close()
-    out = {}
-    for name, p in trainer.model.named_parameters():
-        shape = tuple(getattr(p, "full_shape", p.shape))
-        slices = tuple(s.indices(n)[:2] for s, n in zip(getattr(p, "shard_slices", ()), shape))
-        out[name] = slices, p.detach().clone()
-    return out
+    trained = trained_parameters(config(preset, corpus, out, *overrides))
+    return {name: (slices, tensor) for name, (_, slices, tensor) in trained.items()}
 
 
 def train_losses(run) -> list[float]:

@@ -22,9 +22,9 @@ import starcoder
 from starcoder.cli import main as starcoder_main
 from starcoder.config import load_config
 from starcoder.convert.checkpoints import iter_checkpoint_weights, latest_checkpoint, read_state
-from starcoder.training.signals import StopRequest
-from starcoder.training.trainer import Trainer, train
+from starcoder.training.trainer import train
 from tests.distributed import World
+from tests.parallel.common import trained_parameters
 from tests.training.helpers import make_corpus, metrics
 
 SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
@@ -65,18 +65,7 @@ def layout_sets(tp: int, sp: bool) -> list[str]:
 def _train(preset: str, corpus: str, out: str, overrides: list[str]) -> dict:
     """`train()` on this rank, keeping the trainer to return its trained parameters:
     {name: (full shape, this rank's slices as (start, stop) pairs, tensor)}."""
-    trainer = Trainer(config(preset, corpus, out, *overrides))
-    try:
-        with StopRequest() as stop:
-            trainer.run(stop)
-    finally:
-        trainer.close()
-    out = {}
-    for name, p in trainer.model.named_parameters():
-        shape = tuple(getattr(p, "full_shape", p.shape))
-        slices = tuple(s.indices(n)[:2] for s, n in zip(getattr(p, "shard_slices", ()), shape))
-        out[name] = shape, slices, p.detach().clone()
-    return out
+    return trained_parameters(config(preset, corpus, out, *overrides))
 
 
 def assemble(per_rank: list[dict]) -> dict[str, torch.Tensor]:
