@@ -4,7 +4,7 @@
 #   1 smoke   install (carried wheels + the project, no deps), a flash-attention call vs SDPA
 #   2 tests   tests/kernels compiled on the GPU, fp32/fp16/bf16 (fixed tiles, no autotuning)
 #   3 attention benchmark (bf16, head_dim 128, 8K and 16K) vs SDPA backends and FlexAttention
-#   4 train   20 steps of starcoderbase-1b (dropout 0, kernels auto -> Triton): tokens/s, MFU
+#   4 train   starcoderbase-1b 10 steps in fp32 (TF32) and in bf16 weights: tokens/s, MFU
 #   5 kernels LayerNorm, bias-GeLU, RoPE, cross-entropy vs eager, torch.compile, Liger-Kernel
 # Results go to $OUT (or ./gpu_out): summary.md (grows stage by stage), check.log (everything),
 # attention.md/.png, kernels.md/.png, memory.png -- at most 8 files, as the device tool returns.
@@ -100,10 +100,11 @@ note "" "## 3 attention benchmark -> attention.md, attention.png"
 run_stage attention 80 $PY benchmarks/kernels.py --only attention --quick --out "$OUT"
 [[ $? != 99 ]] && note "- ran ${STAGE_SECONDS}s"
 
-# --- 4 twenty training steps of the 1B preset ----------------------------------------------------
-note "" "## 4 train starcoderbase-1b, 20 steps"
-RUN=$WORK/run
-rm -rf "$RUN"
+# --- 4 training steps of the 1B preset, before and after bf16 weights -------------------------
+# Same preset, batch and data twice: "before" fp32 weights (train.precision=fp32; the trainer sets
+# no TF32 flag, so TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 runs its cuBLAS matmuls as TF32), "after"
+# bf16 weights with fp32 main weights and fp32 gradient reduction (train.precision=bf16).
+note "" "## 4 train starcoderbase-1b, 10 steps each: fp32 (TF32) before, bf16 weights after"
 CORPUS=$(timeout 40 $PY -c "
 from pathlib import Path
 from starcoder.cli.demo import prepare_corpus
@@ -111,30 +112,25 @@ print(prepare_corpus(Path('$WORK/data'), max_files=600))" 2>>"$LOG" | tail -1)
 if [[ -z $CORPUS ]]; then
     note "- no training corpus (starcoder.cli.demo.prepare_corpus failed; see check.log)"
 else
-    run_stage train 90 $PY -m starcoder train --config starcoderbase-1b \
-        --set "data.paths=[$CORPUS]" --set data.tokenizer=builtin:tiny --set data.num_workers=2 \
-        --set train.max_steps=20 --set train.micro_batch_size=1 --set train.global_batch_size=8 \
-        --set train.seq_length=8192 --set train.eval_every=0 --set train.warmup_steps=2 \
-        --set model.attention_dropout=0 --set model.hidden_dropout=0 --set model.embedding_dropout=0 \
-        --set model.kernels=auto --set log.every=1 --set log.tensorboard=false \
-        --set "train.output_dir=$RUN"
-    $PY - "$RUN/metrics.jsonl" <<'EOF' | tee -a "$SUMMARY"
-import json, statistics, sys
-try:
-    rows = [json.loads(line) for line in open(sys.argv[1])]
-except OSError:
-    sys.exit("- no metrics.jsonl written")
-rows = [r for r in rows if "tokens_per_s" in r]
-steady = rows[3:] or rows  # the first steps include autotuning and compilation
-tps = statistics.median(r["tokens_per_s"] for r in steady)
-mfus = [r["mfu"] for r in steady if r.get("mfu") is not None]
-mfu = f"{100 * statistics.median(mfus):.1f}%" if mfus else "n/a"
-mem = max((r.get("mem_gib") or 0) for r in rows)
-print(f"- {len(rows)} steps logged; median over steps {len(rows) - len(steady) + 1}-{len(rows)}: "
-      f"{tps:,.0f} tokens/s, MFU {mfu}; peak memory {mem:.1f} GiB; "
-      f"last loss {rows[-1].get('loss', float('nan')):.3f}")
-EOF
-    cat "$RUN/metrics.jsonl" >>"$LOG" 2>/dev/null
+    RUNS=()
+    for row in "before fp32 50 1" "after bf16 40 0"; do
+        read -r label precision limit tf32 <<<"$row"
+        rm -rf "$WORK/run-$label" "$WORK/metrics-$label.jsonl"
+        run_stage "train $label" "$limit" \
+            env TORCH_ALLOW_TF32_CUBLAS_OVERRIDE="$tf32" $PY -m starcoder train --config starcoderbase-1b \
+            --set "data.paths=[$CORPUS]" --set data.tokenizer=builtin:tiny --set data.num_workers=2 \
+            --set train.max_steps=10 --set train.micro_batch_size=1 --set train.global_batch_size=4 \
+            --set train.seq_length=8192 --set train.eval_every=0 --set train.warmup_steps=2 \
+            --set train.precision="$precision" \
+            --set model.attention_dropout=0 --set model.hidden_dropout=0 --set model.embedding_dropout=0 \
+            --set model.kernels=auto --set log.every=1 --set log.tensorboard=false \
+            --set "train.output_dir=$WORK/run-$label"
+        cp "$WORK/run-$label/metrics.jsonl" "$WORK/metrics-$label.jsonl" 2>/dev/null
+        cat "$WORK/metrics-$label.jsonl" >>"$LOG" 2>/dev/null
+        rm -rf "$WORK/run-$label"  # its final checkpoint: ~18 GB of fp32 weights and Adam state
+        RUNS+=("$label" "$precision" "$WORK/metrics-$label.jsonl")
+    done
+    $PY benchmarks/gpu_train_table.py "${RUNS[@]}" | tee -a "$SUMMARY"
 fi
 
 # --- 5 the other microbenchmarks -----------------------------------------------------------------
