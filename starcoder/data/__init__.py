@@ -93,6 +93,15 @@ def build_train_loader(cfg: "Config", tokenizer: "Tokenizer", *, dp_rank: int, d
     - `loss_mask`: float32 [micro_batch_size, seq_length], ones except, with `data.mask_eod_loss`,
       positions whose input token is EOD (Megatron's rule) and, with `data.mask_fim_pad_loss`,
       positions whose label is `<fim_pad>`.
+    - `document_ids` (with `data.document_mask`): LongTensor [micro_batch_size, seq_length + 1],
+      nondecreasing per row: the example (fine-tuning data) or EOD-ended document (pretraining)
+      each token belongs to. The trainer passes `document_ids[:, :-1]` to the model.
+
+    Fine-tuning data (sources with a loss mask, from `preprocess_corpus(fmt="instruct" | "commit"
+    | "chat")`) gives rows of examples instead of Megatron windows (starcoder.data.packing): one
+    example padded with EOD, or several packed with `data.pack`; `loss_mask` is the stored mask
+    under `train.objective: sft` (1 / the example's loss tokens with `train.loss_normalization:
+    example`), and 0 on padding and across example boundaries.
 
     Order (Megatron's `MegatronPretrainingSampler`): the global batch of step g is stream samples
     consumed_samples + g*global_batch_size ... + global_batch_size - 1; every micro_batch_size *
@@ -111,8 +120,8 @@ def build_train_loader(cfg: "Config", tokenizer: "Tokenizer", *, dp_rank: int, d
     FIM (`data.fim_rate` > 0; `data.fim_split_sample` for repository-level FIM) is applied per
     sample with draws keyed on (train.seed, split, epoch, sample index): identical for any
     `data.num_workers` (DataLoader worker processes, used when FIM is on) and across resume.
-    Raises ConfigError naming the key for missing data, splits without documents, or a FIM token
-    the tokenizer lacks.
+    Raises ConfigError naming the key for missing data, splits without documents, a FIM token
+    the tokenizer lacks, or settings the kind of data does not support.
     """
     from starcoder.data.loader import build_train_loader as impl
 
@@ -130,4 +139,21 @@ def build_valid_loader(cfg: "Config", tokenizer: "Tokenizer", *, dp_rank: int,
     return impl(cfg, tokenizer, dp_rank=dp_rank, dp_size=dp_size)
 
 
-__all__ = ["load_tokenizer", "preprocess_corpus", "build_train_loader", "build_valid_loader"]
+def resolve_epochs(cfg: "Config") -> "Config":
+    """`cfg` with `train.max_steps` computed from `train.epochs` (ceil(epochs x rows of the
+    fine-tuning data's training split / train.global_batch_size)); `cfg` itself without it."""
+    from starcoder.data.loader import resolve_epochs as impl
+
+    return impl(cfg)
+
+
+def document_mask_enabled(cfg: "Config") -> bool:
+    """Whether micro-batches carry `document_ids`: `data.document_mask`, by default on when
+    packing fine-tuning data (reads the sources' PREFIX.json)."""
+    from starcoder.data.loader import document_mask_enabled as impl
+
+    return impl(cfg)
+
+
+__all__ = ["load_tokenizer", "preprocess_corpus", "build_train_loader", "build_valid_loader",
+           "resolve_epochs", "document_mask_enabled"]
