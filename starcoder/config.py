@@ -176,8 +176,8 @@ class TrainConfig:
     # Warmup as a fraction of the run (ceil(ratio x max_steps) steps, as transformers rounds);
     # instead of warmup_steps.
     warmup_ratio: Optional[float] = None
-    # Passes over fine-tuning data: max_steps becomes ceil(epochs x sequences per epoch /
-    # global_batch_size), computed at start-up (train.max_steps is then not used).
+    # Passes over fine-tuning data: max_steps becomes ceil(epochs x rows per epoch (examples, or
+    # packed sequences) / global_batch_size), computed at start-up (train.max_steps is not used).
     epochs: Optional[int] = None
     # `lm`: loss on every token; `sft`: only on the tokens the fine-tuning data's loss mask marks
     # (responses and their closing EOS).
