@@ -62,7 +62,13 @@ def preprocess_corpus(inputs, tokenizer_spec: str, output_prefix: str, fmt: str 
       `<repo_name>R` and `path\\n` included with probability 0.5 (`meta_prob`); keys `repo_key`
       (`repo_name`) and `path_key` (`path`). Input need not be grouped by repository: it is grouped
       through on-disk hash partitions within `group_memory_mb`; `input_grouped=True` streams instead
-      (a repository split across the input then becomes several documents).
+      (a repository split across the input then becomes several documents);
+    - fine-tuning formats `instruct` (`instruction`, `response`, through `template`, default
+      StarCoder2-Instruct's), `commit` (CommitPackFT fields in OctoPack's layout; `commit_markers`
+      "tokens" or "text"), `chat` (`messages`, through the tokenizer folder's chat template, else
+      `chat_template`, else the default) and `preference` (`prompt`, `chosen`, `rejected`: one
+      document of two sequences per pair). They also write `{output_prefix}_loss_mask.bin/.idx`,
+      uint8 with the same sizes, 1 on the response tokens and closing EOS (docs/data.md).
 
     Random draws are seeded per document from `seed`, so the files are byte-identical for any
     `workers` (processes that tokenise, one tokenizer thread each). Tokens are uint16 when the
@@ -70,8 +76,9 @@ def preprocess_corpus(inputs, tokenizer_spec: str, output_prefix: str, fmt: str 
     reads them). Bad records (invalid JSON or UTF-8, missing key) and empty documents are skipped
     and counted; literal special-token strings in the text are counted and encoded as special tokens
     unless `escape_special_tokens=True`. Other options: `repo_key`, `path_key`, `stars_key`,
-    `meta_prob`, `seed`, `escape_special_tokens`, `input_grouped`, `group_memory_mb`, `chunk_bytes`,
-    `progress` (None: a tqdm bar when stderr is a terminal).
+    `meta_prob`, `seed`, `escape_special_tokens`, `input_grouped`, `group_memory_mb`, `template`,
+    `chat_template` (the template's text), `commit_markers`, `chunk_bytes`, `progress` (None: a
+    tqdm bar when stderr is a terminal).
 
     Returns a `PreprocessReport` (`.prefix`, `.documents`, `.tokens`, `.bad_records` by reason,
     `.bad_examples`, `.empty_documents`, `.special_token_strings`, `.summary()`). An interrupted

@@ -138,6 +138,10 @@ class ExampleFormatter:
             raise UserError(f"format {fmt!r}: expected one of {', '.join(FINETUNE_FORMATS)}")
         if commit_markers not in ("tokens", "text"):
             raise UserError(f"--commit-markers {commit_markers!r}: expected tokens or text")
+        if template is not None and fmt not in ("instruct", "preference"):
+            raise UserError(f"--template: only for --format instruct and preference, not {fmt}")
+        if chat_template is not None and fmt != "chat":
+            raise UserError(f"--chat-template: only for --format chat, not {fmt}")
         self.fmt, self.seed, self.filename_prob = fmt, seed, filename_prob
         self.before, self.after = split_template(template or INSTRUCT_TEMPLATE)
         self.markers: dict = {m: m for m in COMMIT_MARKERS}  # spelled as text

@@ -201,3 +201,14 @@ def test_preference_pairs_are_documents_of_two_sequences(tmp_path, tiny):
     assert meg.document_indices.tolist() == [0, 2, 4, 6]
     assert IndexedDataset(str(tmp_path / "pref_loss_mask")).document_indices.tolist() == [0, 2, 4, 6]
 
+
+
+def test_workers_give_byte_identical_files(tmp_path):
+    rows = [{"old_file": f"p/m{i}.py", "old_contents": f"v = {i}\n" * (i % 5), "subject": f"Edit {i}",
+             "new_contents": f"v = {i + 1}\n"} for i in range(60)]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    for workers in (1, 2):
+        preprocess_corpus([path], "builtin:tiny", str(tmp_path / f"w{workers}"), fmt="commit",
+                          commit_markers="text", workers=workers, chunk_bytes=200, progress=False)
+    for suffix in (".bin", ".idx", "_loss_mask.bin", "_loss_mask.idx"):
+        assert (tmp_path / f"w1{suffix}").read_bytes() == (tmp_path / f"w2{suffix}").read_bytes()
