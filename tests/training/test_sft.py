@@ -6,7 +6,6 @@ document masking is refused under pipeline parallelism."""
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import numpy as np
@@ -14,9 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from starcoder.cli.demo import stdlib_sources
 from starcoder.config import ConfigError, load_config
-from starcoder.data import build_train_loader, preprocess_corpus
+from starcoder.data import build_train_loader
 from starcoder.data.indexed import IndexedMask, IndexedTokens
 from starcoder.data.packing import example_rows
 from starcoder.training.schedule import lr_at
@@ -24,19 +22,6 @@ from starcoder.training.trainer import Trainer, check_supported, train
 from tests.training.helpers import metrics, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def sft_prefix(tmp_path_factory) -> str:
-    """24 instruction pairs cut from standard-library code (short prompts, varied responses)."""
-    folder = tmp_path_factory.mktemp("sft")
-    code = "\n".join(p.read_text(errors="replace") for p in stdlib_sources(2))
-    with open(folder / "pairs.jsonl", "w") as f:
-        for i in range(24):
-            f.write(json.dumps({"instruction": f"Go on {i}", "response": code[i * 97:i * 97 + 8 + i]}) + "\n")
-    preprocess_corpus([folder / "pairs.jsonl"], "builtin:tiny", str(folder / "sft"), fmt="instruct",
-                      template="Q: {instruction}\nA: {response}", progress=False)
-    return str(folder / "sft")
 
 
 def _cfg(prefix, out, *overrides):
@@ -58,8 +43,8 @@ def _label_masks(prefix: str, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("normalisation", ["token", "example"])
-def test_sft_loss_is_the_lm_loss_under_the_stored_mask(sft_prefix, tmp_path, normalisation):
-    cfg = _cfg(sft_prefix, tmp_path, f"train.loss_normalization={normalisation}")
+def test_sft_loss_is_the_lm_loss_under_the_stored_mask(sft_corpus, tmp_path, normalisation):
+    cfg = _cfg(sft_corpus, tmp_path, f"train.loss_normalization={normalisation}")
     trainer = Trainer(cfg)
     before = copy.deepcopy(trainer.model).eval()
     loader = build_train_loader(cfg, trainer.tokenizer, dp_rank=0, dp_size=1, consumed_samples=0)
@@ -69,7 +54,7 @@ def test_sft_loss_is_the_lm_loss_under_the_stored_mask(sft_prefix, tmp_path, nor
     with torch.no_grad():
         logits = before(tokens[:, :-1]).double()
     ce = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
-    mask = _label_masks(sft_prefix, tokens).double()
+    mask = _label_masks(sft_corpus, tokens).double()
     # the prompt is never a label, every response token and the closing EOS are
     eod = trainer.tokenizer.eod_id
     for row, m in zip(tokens, mask):
@@ -87,11 +72,11 @@ def test_sft_loss_is_the_lm_loss_under_the_stored_mask(sft_prefix, tmp_path, nor
     trainer.close()
 
 
-def test_epochs_and_warmup_ratio_set_the_run(sft_prefix, tmp_path):
-    cfg = _cfg(sft_prefix, tmp_path, "train.epochs=2", "train.warmup_ratio=0.3", "train.warmup_steps=0",
+def test_epochs_and_warmup_ratio_set_the_run(sft_corpus, tmp_path):
+    cfg = _cfg(sft_corpus, tmp_path, "train.epochs=2", "train.warmup_ratio=0.3", "train.warmup_steps=0",
                "train.lr_schedule=linear", "train.lr=1e-5", "train.min_lr=0", "train.lr_decay_steps=null",
                "data.pack=true", "data.document_mask=false")
-    _, rows = example_rows([sft_prefix], "100,0,0", 0, 32, True, cfg.train.seed, True)
+    _, rows = example_rows([sft_corpus], "100,0,0", 0, 32, True, cfg.train.seed, True)
     steps = math.ceil(2 * len(rows) / cfg.train.global_batch_size)
     state = train(cfg)
     assert state.step == steps and cfg.train.max_steps == 1  # the caller's config is not changed
@@ -118,8 +103,8 @@ def test_schedule_and_objective_keys_are_validated(overrides, message):
     assert load_config("tiny-sc2", ["train.lr=1e-5", "train.min_lr=0"]).train.min_lr == 0  # recipes
 
 
-def test_pipeline_parallel_refuses_document_masking(sft_prefix, tmp_path):
-    cfg = _cfg(sft_prefix, tmp_path, "parallel.pipeline_parallel=2", "data.pack=true")
+def test_pipeline_parallel_refuses_document_masking(sft_corpus, tmp_path):
+    cfg = _cfg(sft_corpus, tmp_path, "parallel.pipeline_parallel=2", "data.pack=true")
     with pytest.raises(ConfigError, match="data.document_mask: not available under pipeline"):
         check_supported(cfg)
     cfg.data.document_mask = False
