@@ -119,13 +119,11 @@ class ChatRenderer:
         self.bos_token, self.eos_token = bos_token, eos_token
 
     def __call__(self, messages: list, add_generation_prompt: bool) -> str:
-        from jinja2 import TemplateError
-
         try:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                         bos_token=self.bos_token, eos_token=self.eos_token)
-        except TemplateError as err:
-            raise BadRecord("chat template error", str(err)) from None
+        except Exception as err:  # user code: whatever it raises on a record is that record's fault
+            raise BadRecord("chat template error", f"{type(err).__name__}: {err}") from None
 
 
 class ExampleFormatter:
