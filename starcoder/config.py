@@ -155,6 +155,12 @@ class DataConfig:
     mask_eod_loss: bool = False  # StarCoder trained with these tokens in the loss
     mask_fim_pad_loss: bool = False
     num_workers: int = 2
+    # Fine-tuning data (preprocessed with --format instruct/commit/chat): several examples per
+    # sequence (best fit over a seeded shuffle) instead of one example padded to the sequence.
+    pack: bool = False
+    # Give each micro-batch "document_ids" so attention stops at example (or, for pretraining
+    # data, EOD) boundaries. None: on when packing fine-tuning data, else off.
+    document_mask: Optional[bool] = None
 
 
 @dataclass
@@ -167,6 +173,18 @@ class TrainConfig:
     min_lr: float = 3e-5
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 0
+    # Warmup as a fraction of the run (ceil(ratio x max_steps) steps, as transformers rounds);
+    # instead of warmup_steps.
+    warmup_ratio: Optional[float] = None
+    # Passes over fine-tuning data: max_steps becomes ceil(epochs x rows per epoch (examples, or
+    # packed sequences) / global_batch_size), computed at start-up (train.max_steps is not used).
+    epochs: Optional[int] = None
+    # `lm`: loss on every token; `sft`: only on the tokens the fine-tuning data's loss mask marks
+    # (responses and their closing EOS).
+    objective: Literal["lm", "sft"] = "lm"
+    # `token`: mean over the global batch's loss tokens; `example`: each example's mean over its
+    # own loss tokens, then the mean over examples (OctoPack's norm_target_loss; fine-tuning data).
+    loss_normalization: Literal["token", "example"] = "token"
     lr_decay_steps: Optional[int] = None  # None -> max_steps
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
@@ -463,6 +481,11 @@ def _validate(cfg: Config) -> None:
     need(t.lr >= 0, "train.lr", f"must be non-negative, got {t.lr}")
     need(0 <= t.min_lr <= t.lr, "train.min_lr", f"{t.min_lr} must be in [0, train.lr ({t.lr})]")
     need(t.warmup_steps >= 0, "train.warmup_steps", "must be non-negative")
+    need(t.warmup_ratio is None or 0 <= t.warmup_ratio < 1, "train.warmup_ratio",
+         f"must be in [0, 1), got {t.warmup_ratio}")
+    need(t.warmup_ratio is None or t.warmup_steps == 0, "train.warmup_ratio",
+         f"set train.warmup_steps ({t.warmup_steps}) or train.warmup_ratio, not both")
+    need(t.epochs is None or t.epochs >= 1, "train.epochs", f"must be at least 1 (or null), got {t.epochs}")
     need(t.lr_decay_steps is None or t.lr_decay_steps >= 1, "train.lr_decay_steps", "must be at least 1")
     need(t.weight_decay >= 0, "train.weight_decay", "must be non-negative")
     need(0 <= t.adam_beta1 < 1, "train.adam_beta1", f"must be in [0, 1), got {t.adam_beta1}")

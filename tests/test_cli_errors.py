@@ -72,7 +72,7 @@ MISTAKES = {
     "train: a tokenizer file that is not a tokenizer":
         (["TRAIN", "data.tokenizer={root}/not-a-tokenizer.json"], "not-a-tokenizer.json: not a tokenizer"),
     "train: a uint8 .idx":
-        (["TRAIN", "data.paths=[{uint8}]"], "corpus.idx: token dtype uint8 is not supported"),
+        (["TRAIN", "data.paths=[{uint8}]"], "corpus.idx: dtype uint8 is not supported (token files"),
     "train: a garbage .idx body":
         (["TRAIN", "data.paths=[{garbage}]"], "corpus.idx: corrupt index"),
     "train: data made with another tokenizer (FIM on, as in the preset)":

@@ -16,6 +16,20 @@ formats:
             Input need not be grouped by repository: it is grouped through on-disk hash partitions
             (bounded by --group-memory-mb); pass --input-grouped to stream already grouped input.
 
+fine-tuning formats (also write PREFIX_loss_mask.bin/.idx: 1 where a token carries the loss, which
+is on the response and the closing <|endoftext|> only):
+  instruct    instruction, response through --template (default StarCoder2-Instruct's: the system
+              line, then "\n\n### Instruction\n{instruction}\n\n### Response\n{response}")
+  commit      CommitPackFT's old_file, old_contents, subject (or message), new_contents as OctoPack:
+              [<filename>NAME]<commit_before>OLD<commit_msg> (filename with probability 0.5,
+              --meta-prob), target SUBJECT<commit_after>NEW<|endoftext|>; needs StarCoder's
+              special tokens unless --commit-markers text
+  chat        messages ([{role, content}]) through the tokenizer folder's chat template
+              (chat_template.jinja or tokenizer_config.json), else --chat-template, else a default
+              in the instruct layout; every assistant turn carries the loss
+  preference  prompt, chosen, rejected: one document of two sequences (chosen, rejected) per pair,
+              the prompt through --template
+
 Output: PREFIX.bin and PREFIX.idx (megatron-core's mmap format, uint16 tokens when the vocabulary
 fits) and PREFIX.json (this report). Random draws are seeded per document, so the files are
 byte-identical for any --workers. Bad records and damaged files are counted and reported;
@@ -38,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokenizer.json, sentencepiece .model, a folder holding one, or builtin:tiny")
     parser.add_argument("--output-prefix", required=True, metavar="PREFIX",
                         help="write PREFIX.bin, PREFIX.idx and PREFIX.json (the report)")
-    parser.add_argument("--format", default="plain", choices=("plain", "sc1-meta", "sc2-repo"),
+    parser.add_argument("--format", default="plain",
+                        choices=("plain", "sc1-meta", "sc2-repo", "instruct", "commit", "chat",
+                                 "preference"),
                         help="document format (see below; default: plain)")
     parser.add_argument("--json-key", default="content", metavar="KEY",
                         help="field holding the document text (default: content)")
@@ -52,8 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stars-key", metavar="KEY",
                         help="star count field for sc1-meta (default: max_stars_count)")
     parser.add_argument("--meta-prob", type=float, metavar="P",
-                        help="probability of each metadata field (sc1-meta, default 0.2) or of the "
-                             "metadata form of a repository (sc2-repo, default 0.5)")
+                        help="probability of each metadata field (sc1-meta, default 0.2), of the "
+                             "metadata form of a repository (sc2-repo, default 0.5) or of the "
+                             "filename part (commit, default 0.5)")
     parser.add_argument("--seed", type=int, default=1234,
                         help="seed of the per-document random draws (default: 1234)")
     parser.add_argument("--escape-special-tokens", action="store_true",
@@ -66,6 +83,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-memory-mb", type=float, default=1024, metavar="MB",
                         help="sc2-repo: memory for grouping files by repository; larger inputs are "
                              "spilled to hash partitions beside the output (default: 1024)")
+    parser.add_argument("--template", metavar="TEXT",
+                        help="instruct/preference: the prompt layout, with {instruction} once and "
+                             "ending in {response} (default: StarCoder2-Instruct's)")
+    parser.add_argument("--chat-template", metavar="FILE",
+                        help="chat: a Jinja chat template file, used instead of the tokenizer "
+                             "folder's (default: the folder's, else the documented default)")
+    parser.add_argument("--commit-markers", choices=("tokens", "text"), default="tokens",
+                        help="commit: <commit_before>, <commit_msg>, <commit_after>, <filename> as "
+                             "special tokens (the tokenizer must have them) or spelled as text")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -74,11 +100,18 @@ def run(args) -> int:
 
     if args.workers < 1:
         raise UserError(f"--workers: must be at least 1, got {args.workers}")
+    chat_template = None
+    if args.chat_template:
+        try:
+            chat_template = open(args.chat_template, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"--chat-template {args.chat_template}: cannot read ({err})") from None
     report = preprocess_corpus(
         args.input, args.tokenizer, args.output_prefix, fmt=args.format, json_key=args.json_key,
         workers=args.workers, repo_key=args.repo_key, path_key=args.path_key,
         stars_key=args.stars_key, meta_prob=args.meta_prob, seed=args.seed,
         escape_special_tokens=args.escape_special_tokens, input_grouped=args.input_grouped,
-        group_memory_mb=args.group_memory_mb, progress=False if args.no_progress else None)
+        group_memory_mb=args.group_memory_mb, template=args.template, chat_template=chat_template,
+        commit_markers=args.commit_markers, progress=False if args.no_progress else None)
     print(report.summary())
     return 0

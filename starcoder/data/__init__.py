@@ -62,7 +62,13 @@ def preprocess_corpus(inputs, tokenizer_spec: str, output_prefix: str, fmt: str 
       `<repo_name>R` and `path\\n` included with probability 0.5 (`meta_prob`); keys `repo_key`
       (`repo_name`) and `path_key` (`path`). Input need not be grouped by repository: it is grouped
       through on-disk hash partitions within `group_memory_mb`; `input_grouped=True` streams instead
-      (a repository split across the input then becomes several documents).
+      (a repository split across the input then becomes several documents);
+    - fine-tuning formats `instruct` (`instruction`, `response`, through `template`, default
+      StarCoder2-Instruct's), `commit` (CommitPackFT fields in OctoPack's layout; `commit_markers`
+      "tokens" or "text"), `chat` (`messages`, through the tokenizer folder's chat template, else
+      `chat_template`, else the default) and `preference` (`prompt`, `chosen`, `rejected`: one
+      document of two sequences per pair). They also write `{output_prefix}_loss_mask.bin/.idx`,
+      uint8 with the same sizes, 1 on the response tokens and closing EOS (docs/data.md).
 
     Random draws are seeded per document from `seed`, so the files are byte-identical for any
     `workers` (processes that tokenise, one tokenizer thread each). Tokens are uint16 when the
@@ -70,8 +76,9 @@ def preprocess_corpus(inputs, tokenizer_spec: str, output_prefix: str, fmt: str 
     reads them). Bad records (invalid JSON or UTF-8, missing key) and empty documents are skipped
     and counted; literal special-token strings in the text are counted and encoded as special tokens
     unless `escape_special_tokens=True`. Other options: `repo_key`, `path_key`, `stars_key`,
-    `meta_prob`, `seed`, `escape_special_tokens`, `input_grouped`, `group_memory_mb`, `chunk_bytes`,
-    `progress` (None: a tqdm bar when stderr is a terminal).
+    `meta_prob`, `seed`, `escape_special_tokens`, `input_grouped`, `group_memory_mb`, `template`,
+    `chat_template` (the template's text), `commit_markers`, `chunk_bytes`, `progress` (None: a
+    tqdm bar when stderr is a terminal).
 
     Returns a `PreprocessReport` (`.prefix`, `.documents`, `.tokens`, `.bad_records` by reason,
     `.bad_examples`, `.empty_documents`, `.special_token_strings`, `.summary()`). An interrupted
@@ -93,6 +100,15 @@ def build_train_loader(cfg: "Config", tokenizer: "Tokenizer", *, dp_rank: int, d
     - `loss_mask`: float32 [micro_batch_size, seq_length], ones except, with `data.mask_eod_loss`,
       positions whose input token is EOD (Megatron's rule) and, with `data.mask_fim_pad_loss`,
       positions whose label is `<fim_pad>`.
+    - `document_ids` (with `data.document_mask`): LongTensor [micro_batch_size, seq_length + 1],
+      nondecreasing per row: the example (fine-tuning data) or EOD-ended document (pretraining)
+      each token belongs to. The trainer passes `document_ids[:, :-1]` to the model.
+
+    Fine-tuning data (sources with a loss mask, from `preprocess_corpus(fmt="instruct" | "commit"
+    | "chat")`) gives rows of examples instead of Megatron windows (starcoder.data.packing): one
+    example padded with EOD, or several packed with `data.pack`; `loss_mask` is the stored mask
+    under `train.objective: sft` (1 / the example's loss tokens with `train.loss_normalization:
+    example`), and 0 on padding and across example boundaries.
 
     Order (Megatron's `MegatronPretrainingSampler`): the global batch of step g is stream samples
     consumed_samples + g*global_batch_size ... + global_batch_size - 1; every micro_batch_size *
@@ -111,8 +127,8 @@ def build_train_loader(cfg: "Config", tokenizer: "Tokenizer", *, dp_rank: int, d
     FIM (`data.fim_rate` > 0; `data.fim_split_sample` for repository-level FIM) is applied per
     sample with draws keyed on (train.seed, split, epoch, sample index): identical for any
     `data.num_workers` (DataLoader worker processes, used when FIM is on) and across resume.
-    Raises ConfigError naming the key for missing data, splits without documents, or a FIM token
-    the tokenizer lacks.
+    Raises ConfigError naming the key for missing data, splits without documents, a FIM token
+    the tokenizer lacks, or settings the kind of data does not support.
     """
     from starcoder.data.loader import build_train_loader as impl
 
@@ -130,4 +146,21 @@ def build_valid_loader(cfg: "Config", tokenizer: "Tokenizer", *, dp_rank: int,
     return impl(cfg, tokenizer, dp_rank=dp_rank, dp_size=dp_size)
 
 
-__all__ = ["load_tokenizer", "preprocess_corpus", "build_train_loader", "build_valid_loader"]
+def resolve_epochs(cfg: "Config") -> "Config":
+    """`cfg` with `train.max_steps` computed from `train.epochs` (ceil(epochs x rows of the
+    fine-tuning data's training split / train.global_batch_size)); `cfg` itself without it."""
+    from starcoder.data.loader import resolve_epochs as impl
+
+    return impl(cfg)
+
+
+def document_mask_enabled(cfg: "Config") -> bool:
+    """Whether micro-batches carry `document_ids`: `data.document_mask`, by default on when
+    packing fine-tuning data (reads the sources' PREFIX.json)."""
+    from starcoder.data.loader import document_mask_enabled as impl
+
+    return impl(cfg)
+
+
+__all__ = ["load_tokenizer", "preprocess_corpus", "build_train_loader", "build_valid_loader",
+           "resolve_epochs", "document_mask_enabled"]

@@ -4,7 +4,11 @@
 `.bin`: the tokens of every sequence back to back (uint16 when the vocabulary fits, else int32).
 `.idx`: magic, version 1, dtype code (megatron-core's codes), sequence count, document count, then
 int32 sizes, int64 byte pointers and int64 document boundaries. We write one sequence per document,
-as Megatron's preprocess does without sentence splitting, so sequences are documents.
+as Megatron's preprocess does without sentence splitting, so sequences are documents; preference
+data is the exception, one document of two sequences (chosen, rejected) per pair.
+
+Fine-tuning data has a second dataset beside it, `PREFIX_loss_mask.bin/.idx` (uint8, the same
+sizes): 1 where the token carries the loss. Both are megatron-core datasets.
 
 The writer stages every file under a temporary name and renames the `.idx` last: an interrupted
 run leaves no `.idx`, so nothing can mistake a partial `.bin` for a finished dataset. The staged
@@ -43,9 +47,10 @@ class IndexedWriter:
     """Append documents, then `finish()`; `abort()` (or an exception inside `with`) removes the
     staged files and leaves any earlier dataset at the prefix untouched until `finish()`."""
 
-    def __init__(self, prefix: str | Path, dtype: np.dtype):
+    def __init__(self, prefix: str | Path, dtype: np.dtype, sequences_per_document: int = 1):
         self.prefix = str(prefix)
         self.dtype = np.dtype(dtype)
+        self.sequences_per_document = sequences_per_document
         self._bin_tmp = f"{self.prefix}.bin.tmp-{os.getpid()}"
         self._idx_tmp = f"{self.prefix}.idx.tmp-{os.getpid()}"
         self._json_tmp = f"{self.prefix}.json.tmp-{os.getpid()}"
@@ -74,7 +79,10 @@ class IndexedWriter:
         """Publish the dataset, with `report` as PREFIX.json (the provenance the loader checks)."""
         self._bin.close()
         sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0, np.int32)
-        write_index(self._idx_tmp, sizes, self.dtype)
+        k = self.sequences_per_document
+        if len(sizes) % k:
+            raise ValueError(f"{len(sizes)} sequences do not make documents of {k}")
+        write_index(self._idx_tmp, sizes, self.dtype, np.arange(0, len(sizes) + 1, k, dtype=np.int64))
         if report is not None:
             with open(self._json_tmp, "w") as f:
                 json.dump(report, f, indent=1)
@@ -149,6 +157,9 @@ class IndexedTokens:
     `tokens` is the whole `.bin` as one 1-D array.
     """
 
+    DTYPES = TOKEN_DTYPES
+    WHAT = "token files hold uint16 or int32, as Megatron's preprocess writes them"
+
     def __init__(self, prefix: str | Path):
         self.prefix = str(prefix)
         idx_path = self.prefix + ".idx"
@@ -166,9 +177,8 @@ class IndexedTokens:
         if code not in DTYPE_CODES:
             raise UserError(f"{idx_path}: unknown dtype code {code}")
         self.dtype = np.dtype(DTYPE_CODES[code])
-        if self.dtype not in TOKEN_DTYPES:
-            raise UserError(f"{idx_path}: token dtype {self.dtype.name} is not supported (token "
-                            "files hold uint16 or int32, as Megatron's preprocess writes them)")
+        if self.dtype not in self.DTYPES:
+            raise UserError(f"{idx_path}: dtype {self.dtype.name} is not supported ({self.WHAT})")
         count, doc_count = struct.unpack("<QQ", head[18:34])
         idx = np.memmap(idx_path, dtype=np.uint8, mode="r")
         need = HEADER + 12 * count + 8 * doc_count
@@ -210,7 +220,7 @@ class IndexedTokens:
         return len(self.sizes)
 
     def __reduce__(self):  # pickled by name (spawned workers map the files again)
-        return IndexedTokens, (self.prefix,)
+        return type(self), (self.prefix,)
 
     def __getitem__(self, i: int) -> np.ndarray:
         start = int(self.pointers[i]) // self.dtype.itemsize
@@ -219,3 +229,10 @@ class IndexedTokens:
     @property
     def num_tokens(self) -> int:
         return int(self.sizes.sum(dtype=np.int64))
+
+
+class IndexedMask(IndexedTokens):
+    """A `PREFIX_loss_mask` dataset: uint8, 1 where the token carries the loss."""
+
+    DTYPES = (np.dtype(np.uint8),)
+    WHAT = "loss-mask files hold uint8"

@@ -5,10 +5,17 @@ micro_batch_size * dp_size consecutive samples is one micro-step and rank r take
 [r*micro, (r+1)*micro). So any data-parallel size sees the same global batches and resuming is
 restarting at `consumed_samples`. Sample j of the stream is sample j % N of the index (N =
 max_steps * global_batch_size) in epoch j // N; FIM draws are keyed on (seed, split, epoch, j % N).
+
+Fine-tuning data (sources with a loss mask) is read as rows of examples instead
+(starcoder.data.packing), in the same order: stream position j is row j % R of epoch j // R.
+With document masking (`data.document_mask`) a micro-batch also carries "document_ids".
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -18,12 +25,14 @@ import numpy as np
 import torch
 
 from starcoder.config import Config, ConfigError, UserError, accumulation_steps
-from starcoder.data.binding import check_tokenizer
+from starcoder.data.binding import check_tokenizer, recorded
 from starcoder.data.dataset import BlendedSamples, IndexCache, blended_samples, writable_dir
 from starcoder.data.fim import FimTransform, sample_rng
+from starcoder.data.packing import ExampleBatches, example_rows, loss_mask_prefix
 from starcoder.data.tokenizer import MissingTokenError, Tokenizer
 
 TRAIN, VALID = 0, 1
+log = logging.getLogger(__name__)
 
 
 class Recycler:
@@ -55,10 +64,12 @@ class MicroBatches(torch.utils.data.Dataset):
     """Turns a list of stream positions into one micro-batch dict (what DataLoader workers run)."""
 
     def __init__(self, samples: BlendedSamples, seq_length: int, fim: Optional[FimTransform],
-                 seed: int, split: int, eod: int, pad: Optional[int], mask_eod: bool, mask_pad: bool):
+                 seed: int, split: int, eod: int, pad: Optional[int], mask_eod: bool, mask_pad: bool,
+                 document_ids: bool = False):
         self.samples, self.width, self.fim = samples, seq_length + 1, fim
         self.seed, self.split = seed, split
         self.eod, self.pad, self.mask_eod, self.mask_pad = eod, pad, mask_eod, mask_pad
+        self.document_ids = document_ids
         self._buffers: dict = {}
 
     def _buffer(self, shape: tuple, dtype) -> np.ndarray:
@@ -86,7 +97,12 @@ class MicroBatches(torch.utils.data.Dataset):
             loss_mask[tokens[:, :-1] == self.eod] = 0.0
         if self.mask_pad and self.pad is not None:  # never learn to emit <fim_pad>
             loss_mask[tokens[:, 1:] == self.pad] = 0.0
-        return {"tokens": torch.from_numpy(tokens), "loss_mask": torch.from_numpy(loss_mask)}
+        batch = {"tokens": torch.from_numpy(tokens), "loss_mask": torch.from_numpy(loss_mask)}
+        if self.document_ids:  # a document ends with its EOD; the next token starts the next one
+            docs = np.zeros(tokens.shape, dtype=np.int64)
+            np.cumsum(tokens[:, :-1] == self.eod, axis=1, out=docs[:, 1:])
+            batch["document_ids"] = torch.from_numpy(docs)
+        return batch
 
 
 def pretraining_order(start: int, stop: Optional[int], micro: int, dp_rank: int,
@@ -108,8 +124,8 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-def _iterate(dataset: MicroBatches, order: Iterator[list[int]], workers: int, seed: int) -> Iterator[dict]:
-    if workers == 0 or dataset.fim is None:
+def _iterate(dataset, order: Iterator[list[int]], workers: int, seed: int) -> Iterator[dict]:
+    if workers == 0 or getattr(dataset, "fim", None) is None:
         # Without FIM a micro-batch is one C++ copy: faster in-process than any worker hand-off.
         for positions in order:
             yield dataset[positions]
@@ -144,6 +160,84 @@ def _fim(cfg: Config, tokenizer: Tokenizer) -> Optional[FimTransform]:
         raise ConfigError(f"{key}: {err}") from None
 
 
+def is_finetune_data(cfg: Config) -> bool:
+    """Whether `data.paths` is fine-tuning data (every source has a loss mask) or pretraining
+    data (none has); a mixture, or preference pairs, is a ConfigError."""
+    d = cfg.data
+    if not d.paths:
+        return False
+    masked = [loss_mask_prefix(s.path) is not None for s in d.paths]
+    if any(masked) and not all(masked):
+        ft, pt = d.paths[masked.index(True)].path, d.paths[masked.index(False)].path
+        raise ConfigError(f"data.paths: {ft} is fine-tuning data (it has a loss mask) but {pt} is "
+                          "pretraining data; train on one kind at a time")
+    if not any(masked):
+        return False
+    for i, s in enumerate(d.paths):
+        if recorded(s.path).get("format") == "preference":
+            raise ConfigError(f"data.paths[{i}]: {s.path} holds preference pairs (--format "
+                              "preference), which only a DPO objective reads; train.objective "
+                              "dpo does not exist yet")
+        if s.weight != 1.0:
+            raise ConfigError(f"data.paths[{i}].weight: fine-tuning sources are concatenated, each "
+                              f"example once per epoch; weights are not supported (got {s.weight})")
+    return True
+
+
+def document_mask_enabled(cfg: Config) -> bool:
+    """`data.document_mask`, whose default is on when packing fine-tuning data."""
+    d = cfg.data
+    if d.document_mask is not None:
+        return d.document_mask
+    return d.pack and is_finetune_data(cfg)
+
+
+def check_objective(cfg: Config, finetune: bool) -> None:
+    """The data fits `train.objective`, `train.loss_normalization`, `train.epochs`, `data.pack`."""
+    t, d = cfg.train, cfg.data
+    what = "pretraining data (no loss mask)"
+    if finetune:
+        if d.fim_rate > 0:
+            raise ConfigError("data.fim_rate: fill-in-the-middle applies to pretraining data, not "
+                              "to fine-tuning examples; set 0")
+        return
+    for key, value, used in (("train.objective", t.objective, t.objective == "sft"),
+                             ("train.loss_normalization", t.loss_normalization,
+                              t.loss_normalization == "example"),
+                             ("train.epochs", t.epochs, t.epochs is not None)):
+        if used:
+            raise ConfigError(f"{key}: {value} needs fine-tuning data with a loss mask (starcoder "
+                              f"preprocess --format instruct | commit | chat), but data.paths is {what}")
+    if d.pack:
+        raise ConfigError(f"data.pack: data.paths is {what}, which is always packed into "
+                          "sequences (Megatron's windows); the key is for fine-tuning data")
+
+
+def _rows_for(cfg: Config, split: int):
+    d, t = cfg.data, cfg.train
+    try:
+        return example_rows([s.path for s in d.paths], d.split, split, t.seq_length, d.pack, t.seed,
+                            t.objective == "sft")
+    except (FileNotFoundError, ValueError) as err:  # a missing or unreadable .bin/.idx
+        raise ConfigError(f"data.paths: {err}") from None
+
+
+def resolve_epochs(cfg: Config) -> Config:
+    """`cfg` with `train.max_steps` set from `train.epochs`: ceil(epochs x rows of the training
+    split / global_batch_size) steps. Unchanged without `train.epochs`."""
+    t = cfg.train
+    if t.epochs is None:
+        return cfg
+    check_objective(cfg, is_finetune_data(cfg))
+    _, rows = _rows_for(cfg, TRAIN)
+    if not len(rows):
+        raise ConfigError(f"data.split: {cfg.data.split!r} leaves no training examples")
+    steps = math.ceil(t.epochs * len(rows) / t.global_batch_size)
+    log.info("train.epochs %d: %d rows per epoch, %d steps of %d (train.max_steps %d is not used)",
+             t.epochs, len(rows), steps, t.global_batch_size, t.max_steps)
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, max_steps=steps))
+
+
 def cache_for(cfg: Config) -> IndexCache:
     if cfg.data.cache_dir:
         return IndexCache(Path(cfg.data.cache_dir))
@@ -174,7 +268,17 @@ def build_samples(cfg: Config, split: int, num_samples: int) -> Optional[Blended
         raise ConfigError(f"data.paths: {err}") from None
 
 
-def _build(cfg: Config, tokenizer: Tokenizer, split: int, num_samples: int) -> Optional[MicroBatches]:
+def _build(cfg: Config, tokenizer: Tokenizer, split: int, num_samples: int):
+    finetune = is_finetune_data(cfg)
+    check_objective(cfg, finetune)
+    documents = document_mask_enabled(cfg)
+    if finetune:
+        t = cfg.train
+        examples, rows = _rows_for(cfg, split)
+        if not len(rows):
+            return None
+        return ExampleBatches(examples, rows, t.seq_length, t.seed, split, tokenizer.eod_id,
+                              t.objective == "sft", t.loss_normalization == "example", documents)
     fim = _fim(cfg, tokenizer)
     samples = build_samples(cfg, split, num_samples)
     if samples is None:
@@ -184,7 +288,7 @@ def _build(cfg: Config, tokenizer: Tokenizer, split: int, num_samples: int) -> O
     except MissingTokenError as err:
         raise ConfigError(f"data.mask_fim_pad_loss: {err}") from None
     return MicroBatches(samples, cfg.train.seq_length, fim, cfg.train.seed, split, tokenizer.eod_id,
-                        pad, cfg.data.mask_eod_loss, cfg.data.mask_fim_pad_loss)
+                        pad, cfg.data.mask_eod_loss, cfg.data.mask_fim_pad_loss, documents)
 
 
 def build_train_loader(cfg: Config, tokenizer: Tokenizer, *, dp_rank: int, dp_size: int,

@@ -4,6 +4,9 @@ The main process reads and parses records, applies the document format (all rand
 seeded per document) and writes the output in input order; `workers` processes only tokenise, one
 `tokenizers` thread each. So the files are byte-identical for any number of workers.
 
+Fine-tuning formats (starcoder.data.examples) also write `PREFIX_loss_mask.bin/.idx`, a uint8
+dataset with the same sizes, 1 where the token carries the loss; PREFIX.json names it.
+
 A run never makes things worse: output is staged and published only when it holds documents;
 otherwise a UserError says in one line why nothing was usable. Damaged input files are counted
 and named, and a huge line is tokenised in bounded memory (`Tokenizer.encode_long`).
@@ -32,6 +35,7 @@ import numpy as np
 from starcoder.config import UserError
 from starcoder.data.corpus import (BadRecord, ByteCounter, Record, iter_records, list_input_files,
                                    parse, snippet, text_field)
+from starcoder.data.examples import FINETUNE_FORMATS, Example, ExampleFormatter, example_chars
 from starcoder.data.formats import Document, FormatOptions, Formatter
 from starcoder.data.indexed import IndexedWriter, process_running, token_dtype
 from starcoder.data.tokenizer import PIECE_CHARS, Tokenizer, load_tokenizer
@@ -64,6 +68,11 @@ class PreprocessReport:
     documents_with_special_strings: int = 0
     escaped_special_tokens: bool = False
     repositories: int = 0  # sc2-repo: repository documents written
+    # Fine-tuning formats: the loss-mask dataset beside the tokens (its prefix's file name).
+    loss_mask: str = ""
+    target_tokens: int = 0  # tokens that carry the loss (responses and closing EOS)
+    pairs: int = 0  # preference: chosen/rejected pairs, each one document of two sequences
+    chat_template: str = ""  # chat: where the template came from (a file, or "default")
     seconds: float = 0.0
 
     @property
@@ -98,6 +107,12 @@ class PreprocessReport:
                          f"{self.documents_with_special_strings:,} document(s): {how}")
         if self.format == "sc2-repo":
             lines.append(f"{self.repositories:,} repository document(s)")
+        if self.loss_mask:
+            pairs = f" in {self.pairs:,} chosen/rejected pair(s)" if self.format == "preference" else ""
+            lines.append(f"loss mask {self.loss_mask}.bin/.idx: {self.target_tokens:,} of "
+                         f"{self.tokens:,} tokens carry the loss{pairs}")
+        if self.chat_template:
+            lines.append(f"chat template: {self.chat_template}")
         return "\n".join(lines)
 
 
@@ -107,7 +122,9 @@ def preprocess_corpus(inputs: Union[str, Path, Iterable], tokenizer_spec: str, o
                       stars_key: Optional[str] = None, meta_prob: Optional[float] = None,
                       seed: int = 1234, escape_special_tokens: bool = False,
                       input_grouped: bool = False, group_memory_mb: float = 1024,
-                      chunk_bytes: int = 1 << 20, progress: Optional[bool] = None) -> PreprocessReport:
+                      template: Optional[str] = None, chat_template: Optional[str] = None,
+                      commit_markers: str = "tokens", chunk_bytes: int = 1 << 20,
+                      progress: Optional[bool] = None) -> PreprocessReport:
     """See `starcoder.data.preprocess_corpus`."""
     start = time.perf_counter()
     files = list_input_files(inputs)
@@ -121,9 +138,15 @@ def preprocess_corpus(inputs: Union[str, Path, Iterable], tokenizer_spec: str, o
     remove_stale_groupings(Path(output_prefix).parent)
     if escape_special_tokens and not hasattr(tokenizer, "escaping_backend"):
         raise UserError(f"--escape-special-tokens: not supported for {tokenizer.name}")
-    opts = FormatOptions(fmt=fmt, json_key=json_key, repo_key=repo_key, path_key=path_key,
-                         stars_key=stars_key, meta_prob=meta_prob, seed=seed)
+    finetune = fmt in FINETUNE_FORMATS
+    if finetune and escape_special_tokens and fmt == "chat":
+        raise UserError("--escape-special-tokens: not available with --format chat (the chat "
+                        "template's own special tokens would be escaped too)")
+    opts = FormatOptions(fmt="plain" if finetune else fmt, json_key=json_key, repo_key=repo_key,
+                         path_key=path_key, stars_key=stars_key, meta_prob=meta_prob, seed=seed)
     formatter = Formatter(opts, tokenizer)
+    examples = ExampleFormatter(fmt, tokenizer, seed, template, chat_template, commit_markers,
+                                0.5 if meta_prob is None else meta_prob) if finetune else None
     eod = tokenizer.eod_id
     dtype = token_dtype(tokenizer.vocab_size)
     report = PreprocessReport(output_prefix=str(output_prefix), tokenizer=tokenizer.name, format=fmt,
@@ -132,14 +155,25 @@ def preprocess_corpus(inputs: Union[str, Path, Iterable], tokenizer_spec: str, o
                               dtype=dtype.name, escaped_special_tokens=escape_special_tokens)
     counter = ByteCounter()
     reader = _Reader(files, opts, formatter, report, counter, input_grouped,
-                     max(4096, int(group_memory_mb * 2**20)), Path(output_prefix).parent)
+                     max(4096, int(group_memory_mb * 2**20)), Path(output_prefix).parent, examples)
     bar = _progress(sum(f.stat().st_size for f in files), progress)
-    writer = IndexedWriter(output_prefix, dtype)
+    pair = 2 if fmt == "preference" else 1
+    writer = IndexedWriter(output_prefix, dtype, pair)
+    masks = None
+    if finetune:
+        report.loss_mask = Path(mask_prefix(output_prefix)).name
+        report.chat_template = examples.chat_template_source if fmt == "chat" else ""
+        masks = IndexedWriter(mask_prefix(output_prefix), np.uint8, pair)
     try:
-        for flat, sizes, n_special, n_docs_special in _tokenize(
-                _chunks(reader.documents(), chunk_bytes), tokenizer, tokenizer_spec, eod, dtype,
-                escape_special_tokens, workers):
+        items = reader.examples() if finetune else reader.documents()
+        for flat, sizes, n_special, n_docs_special, mask in _tokenize(
+                _chunks(items, chunk_bytes, _record_chars if finetune else _document_chars),
+                tokenizer, tokenizer_spec, eod, dtype, escape_special_tokens, workers,
+                fmt if finetune else None):
             writer.add_documents(flat, sizes)
+            if masks is not None:
+                masks.add_documents(mask, sizes)
+                report.target_tokens += int(mask.sum(dtype=np.int64))
             if flat.size:
                 report.max_token_id = max(report.max_token_id, int(flat.max()))
             report.special_token_strings += n_special
@@ -150,16 +184,26 @@ def preprocess_corpus(inputs: Union[str, Path, Iterable], tokenizer_spec: str, o
                 bar.set_postfix_str(f"{writer.documents / elapsed:,.0f} docs/s, "
                                     f"{writer.tokens / elapsed:,.0f} tokens/s", refresh=False)
         report.documents, report.tokens = writer.documents, writer.tokens
+        report.pairs = writer.documents // 2 if pair == 2 else 0
         if bar is not None:
             bar.close()
         if report.documents == 0:  # an earlier dataset at this prefix stays as it was
             raise UserError(reader.why_nothing())
         report.seconds = time.perf_counter() - start
+        if masks is not None:  # before the token .idx, which marks the dataset complete
+            masks.finish()
         writer.finish(report.to_dict())  # PREFIX.json, the provenance, lands before the .idx
     except BaseException:
         writer.abort()
+        if masks is not None:
+            masks.abort()
         raise
     return report
+
+
+def mask_prefix(prefix: str) -> str:
+    """Where the loss mask of the fine-tuning dataset at `prefix` lives."""
+    return f"{prefix}_loss_mask"
 
 
 def remove_stale_groupings(folder: Path) -> None:
@@ -185,8 +229,10 @@ def _progress(total_bytes: int, enabled: Optional[bool]):
 
 class _Reader:
     def __init__(self, files, opts: FormatOptions, formatter: Formatter, report: PreprocessReport,
-                 counter: ByteCounter, input_grouped: bool, group_budget: int, tmp_parent: Path):
+                 counter: ByteCounter, input_grouped: bool, group_budget: int, tmp_parent: Path,
+                 examples: Optional[ExampleFormatter] = None):
         self.files, self.opts, self.fmt, self.report = files, opts, formatter, report
+        self.example_formatter = examples
         self.counter, self.input_grouped = counter, input_grouped
         self.group_budget, self.tmp_parent = group_budget, tmp_parent
         # The fields of records that lack `json_key`, and which of them hold text: the hint.
@@ -206,10 +252,13 @@ class _Reader:
         self.report.corrupt_files[str(path)] = reason
         log.warning("%s: %s; its records up to the damage are kept", path, reason)
 
-    def records(self) -> Iterator[tuple[Record, dict, str]]:
-        """(record, parsed object, content) for every usable record; counts the rest."""
+    def records(self) -> Iterator[tuple[Record, dict, object]]:
+        """(record, parsed object, content) for every usable record; counts the rest. The
+        content is the `json_key` text, or with a fine-tuning format the record's examples."""
         key, last_file, usable, missing = self.opts.json_key, -1, 0, 0
-        for record in iter_records(self.files, self.opts.columns(), self.counter, self.corrupt):
+        examples = self.example_formatter
+        columns = examples.columns() if examples is not None else self.opts.columns()
+        for record in iter_records(self.files, columns, self.counter, self.corrupt):
             if record.file != last_file:
                 self._note_unusable(last_file, usable, missing)
                 self._note_empty(last_file + 1, record.file)
@@ -217,7 +266,9 @@ class _Reader:
             self.report.records += 1
             try:
                 obj = parse(record)
-                content = text_field(obj, key)
+                # keyed on the record's position in the input: independent of workers
+                content = (text_field(obj, key) if examples is None
+                           else examples(obj, self.report.records - 1))
             except BadRecord as err:
                 if err.reason == "missing key" and err.detail == key:
                     self._missing_content(obj)
@@ -270,6 +321,11 @@ class _Reader:
                 yield (content,)
             else:  # keyed on the record's position in the input: independent of workers
                 yield self.fmt.sc1_meta(content, obj, self.report.records - 1)
+
+    def examples(self) -> Iterator[list[Example]]:
+        """The examples of each usable record (fine-tuning formats)."""
+        for _, _, content in self.records():
+            yield content
 
     def why_nothing(self) -> str:
         """One line: why no document was written."""
@@ -379,11 +435,20 @@ def _grouped(files, partitions: int, tmp_parent: Path) -> Iterator[tuple[str, li
             yield from groups.items()
 
 
-def _chunks(documents: Iterator[Document], chunk_bytes: int) -> Iterator[list[Document]]:
+def _document_chars(doc: Document) -> int:
+    return sum(len(p) for p in doc if isinstance(p, str))
+
+
+def _record_chars(examples: list[Example]) -> int:
+    return sum(map(example_chars, examples))
+
+
+def _chunks(items: Iterator, chunk_bytes: int, chars) -> Iterator[list]:
+    """Documents (or records' examples) in chunks of about `chunk_bytes` characters."""
     chunk, size = [], 0
-    for doc in documents:
+    for doc in items:
         chunk.append(doc)
-        size += sum(len(p) for p in doc if isinstance(p, str))
+        size += chars(doc)
         if size >= chunk_bytes or len(chunk) >= 8192:
             yield chunk
             chunk, size = [], 0
@@ -426,34 +491,88 @@ def tokenize_documents(docs: list[Document], tokenizer: Tokenizer, pattern, eod:
     pieces, sizes = [], np.empty(len(docs), dtype=np.int32)
     for i, doc in enumerate(docs):
         n = 0
-        for part in doc:
-            if isinstance(part, int):
-                parts = [[part]]
-            elif _long(part):
-                parts = (np.asarray(ids, dtype=dtype)
-                         for ids in tokenizer.encode_long(part, escape_special=escape))
-            else:
-                parts = [next(encoded)]
-            for ids in parts:
-                pieces.append(ids)
-                n += len(ids)
+        for ids in _document_ids(doc, encoded, tokenizer, dtype, escape):
+            pieces.append(ids)
+            n += len(ids)
         pieces.append((eod,))
         sizes[i] = n + 1
     flat = np.fromiter(itertools.chain.from_iterable(pieces), dtype=dtype, count=int(sizes.sum()))
     return flat, sizes, n_special, n_docs
 
 
+def _document_ids(doc: Document, encoded: Iterator, tokenizer: Tokenizer, dtype, escape: bool):
+    """The ids of a document's parts, in pieces: short texts come from `encoded` (their batch
+    encoding, in order), long ones piece by piece, special ids as they are."""
+    for part in doc:
+        if isinstance(part, int):
+            yield (part,)
+        elif _long(part):
+            yield from (np.asarray(ids, dtype=dtype)
+                        for ids in tokenizer.encode_long(part, escape_special=escape))
+        else:
+            yield next(encoded)
+
+
+def tokenize_examples(records: list[list[Example]], tokenizer: Tokenizer, pattern, eod: int, dtype,
+                      escape: bool) -> tuple[np.ndarray, np.ndarray, int, int, np.ndarray]:
+    """`tokenize_documents` for fine-tuning records: the tokens of every example back to back,
+    its segments tokenised separately (so the mask boundary is exact) and closed by one EOD (added
+    unless the text already ends with it), the sizes, the special-string counts (per record) and
+    the uint8 loss mask (1 on target segments and the closing EOD)."""
+    docs = [doc for examples in records for ex in examples for _, doc in ex]
+    texts = [p for doc in docs for p in doc if isinstance(p, str) and not _long(p)]
+    n_special = n_docs = 0
+    if pattern is not None:
+        for examples in records:
+            found = sum(len(pattern.findall(p)) for ex in examples for _, doc in ex for p in doc
+                        if isinstance(p, str))
+            n_special += found
+            n_docs += found > 0
+    encoded = iter(tokenizer.encode_batch(texts, escape_special=escape))
+    pieces, flags, sizes = [], [], []
+    for ex in (ex for examples in records for ex in examples):
+        n, last = 0, None
+        for target, doc in ex:
+            for ids in _document_ids(doc, encoded, tokenizer, dtype, escape):
+                if len(ids):
+                    pieces.append(ids)
+                    flags.append((target, len(ids)))
+                    n, last = n + len(ids), int(ids[-1])
+        if last != eod:
+            pieces.append((eod,))
+            flags.append((True, 1))
+            n += 1
+        sizes.append(n)
+    sizes = np.asarray(sizes, dtype=np.int32)
+    total = int(sizes.sum())
+    flat = np.fromiter(itertools.chain.from_iterable(pieces), dtype=dtype, count=total)
+    mask = np.repeat(np.array([t for t, _ in flags], dtype=np.uint8),
+                     np.array([k for _, k in flags], dtype=np.int64)) if flags else np.zeros(0, np.uint8)
+    return flat, sizes, n_special, n_docs, mask
+
+
 def _long(text: str) -> bool:
     return len(text) > 2 * PIECE_CHARS
 
 
-def _work(docs: list[Document], escape: bool):
+def _tokenize_chunk(docs: list, tokenizer: Tokenizer, pattern, eod: int, dtype, escape: bool,
+                    finetune: Optional[str]):
+    """(tokens, sizes, special strings, documents with them, loss mask or None) of one chunk;
+    `finetune` is the fine-tuning format, if any."""
+    if finetune:
+        # A rendered chat holds the template's own special tokens: not literal strings of the text.
+        return tokenize_examples(docs, tokenizer, None if finetune == "chat" else pattern, eod,
+                                 dtype, escape)
+    return (*tokenize_documents(docs, tokenizer, pattern, eod, dtype, escape), None)
+
+
+def _work(docs: list, escape: bool, finetune: Optional[str]):
     s = _STATE
-    return tokenize_documents(docs, s["tokenizer"], s["pattern"], s["eod"], s["dtype"], escape)
+    return _tokenize_chunk(docs, s["tokenizer"], s["pattern"], s["eod"], s["dtype"], escape, finetune)
 
 
-def _tokenize(chunks: Iterator[list[Document]], tokenizer: Tokenizer, spec: str, eod: int, dtype,
-              escape: bool, workers: int):
+def _tokenize(chunks: Iterator[list], tokenizer: Tokenizer, spec: str, eod: int, dtype,
+              escape: bool, workers: int, finetune: Optional[str] = None):
     """Tokenised chunks in input order; at most 2 chunks per worker in flight (bounded memory)."""
     if workers <= 1:
         saved = os.environ.get("TOKENIZERS_PARALLELISM")
@@ -461,7 +580,7 @@ def _tokenize(chunks: Iterator[list[Document]], tokenizer: Tokenizer, spec: str,
         try:
             pattern = _special_pattern(tokenizer)
             for docs in chunks:
-                yield tokenize_documents(docs, tokenizer, pattern, eod, dtype, escape)
+                yield _tokenize_chunk(docs, tokenizer, pattern, eod, dtype, escape, finetune)
         finally:
             if saved is None:
                 os.environ.pop("TOKENIZERS_PARALLELISM", None)
@@ -472,7 +591,7 @@ def _tokenize(chunks: Iterator[list[Document]], tokenizer: Tokenizer, spec: str,
     with ctx.Pool(workers, initializer=_init_worker, initargs=(spec,)) as pool:
         pending: collections.deque = collections.deque()
         for docs in chunks:
-            pending.append(pool.apply_async(_work, (docs, escape)))
+            pending.append(pool.apply_async(_work, (docs, escape, finetune)))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().get()
         while pending:

@@ -337,7 +337,7 @@ SHAPELESS = ("kernels", "recompute", "attention_dropout", "hidden_dropout", "emb
 # Keys a resumed run may change with a warning: the model keeps its shape, but what it learns or
 # the data it sees changes (see docs/training.md for which of them reshuffle the data order).
 MAY_CHANGE = ("train.seq_length", "train.global_batch_size", "train.seed", "data.paths",
-              "data.split", "model.rope_theta", "model.sliding_window")
+              "data.split", "data.pack", "model.rope_theta", "model.sliding_window")
 
 
 def warn_changed_settings(saved: Config, cfg: Config, step_dir: Path) -> list[str]:

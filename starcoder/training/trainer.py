@@ -1,14 +1,17 @@
 """The training loop.
 
 One step: fetch the step's micro-batches, count their loss tokens across data-parallel ranks,
-then for each micro-batch run forward and backward on sum(token losses) x loss scale / (this
-rank's tokens in the step): each rank scales its own share, as Megatron does, so fp16 gradients
+then for each micro-batch run forward and backward on sum(token losses x loss mask) x loss scale /
+(this rank's sum of the loss mask in the step): each rank scales its own share, as Megatron does, so fp16 gradients
 do not shrink with the data-parallel size. Before the data-parallel sum (DDP with a sum hook)
 each rank weights its gradients by its share of the global token count, so the gradient and
 the logged loss are the token mean over the global batch whatever the layout: 1 process x 4
 micro-batches and 2 processes x 2 give the same numbers. Then the global gradient norm decides
 (the same way on every rank) whether the step is taken or skipped as non-finite, gradients are
-clipped and AdamW steps.
+clipped and AdamW steps. The loss mask is what the loader gives: ones for pretraining, the
+stored mask for `train.objective: sft`, or per-example weights (1 / the example's loss tokens)
+for `train.loss_normalization: example`, which makes the same normalisation a mean over examples.
+A micro-batch with "document_ids" (document masking) passes them to the model.
 
 Everything a resumed run needs is in the checkpoint: weights, Adam state, RNG states and the JSON
 `TrainState` (step, consumed samples; the learning rate is a function of the step, and the data
@@ -40,7 +43,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from starcoder.convert.weights import load_weights
 from starcoder.config import Config, ConfigError, UserError, accumulation_steps
-from starcoder.data import build_train_loader, build_valid_loader, load_tokenizer
+from starcoder.data import (build_train_loader, build_valid_loader, document_mask_enabled,
+                            load_tokenizer, resolve_epochs)
 from starcoder.models.flops import model_flops_per_token
 from starcoder.models.gpt import GPT
 from starcoder.models.init import init_weights
@@ -117,6 +121,15 @@ def check_supported(cfg: Config) -> None:
     if not cfg.data.paths:
         raise ConfigError("data.paths: no training data (prefixes of .bin/.idx pairs written by "
                           "`starcoder preprocess`)")
+    if cfg.parallel.pipeline_parallel > 1:
+        if document_mask_enabled(cfg):
+            raise ConfigError("data.document_mask: not available under pipeline parallelism (the "
+                              "schedule passes only input ids between stages); set false (it is "
+                              "on by default with data.pack), or use pipeline_parallel 1")
+        if cfg.train.loss_normalization == "example":
+            raise ConfigError("train.loss_normalization: example is not available under pipeline "
+                              "parallelism (the schedule's loss counts tokens, not weights); use "
+                              "token, or pipeline_parallel 1")
 
 
 def build_model(cfg: Config, grid: Grid, device: torch.device) -> GPT:
@@ -151,6 +164,7 @@ def _sum_gradients(trainer, bucket):
 class Trainer:
     def __init__(self, cfg: Config):
         check_supported(cfg)
+        cfg = resolve_epochs(cfg)  # train.epochs -> train.max_steps, from the data's size
         check_logging(cfg)
         self.cfg, t = cfg, cfg.train
         self.device = resolve_device(t.device)
@@ -297,11 +311,18 @@ class Trainer:
                 self.optimizer.buffer.sync = last
             sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
             with sync:
-                losses = self.ddp(tokens[:, :-1], tokens[:, 1:])
+                losses = self.ddp(tokens[:, :-1], tokens[:, 1:], **self._documents(mb))
                 summed = (losses * mask).sum()
                 (summed * scale).backward()
             loss_sum += summed.detach()
         return loss_sum
+
+    def _documents(self, mb: dict) -> dict:
+        """The model's `document_ids` keyword when the micro-batch has them (document masking):
+        the ids of the input tokens."""
+        if "document_ids" not in mb:
+            return {}
+        return {"document_ids": mb["document_ids"][:, :-1].to(self.device, non_blocking=True)}
 
     def _forward_backward_pipeline(self, micro_batches: list[dict], scale: float) -> torch.Tensor:
         """The step's micro-batches through the pipeline schedule, then the tied-embedding and
@@ -400,7 +421,7 @@ class Trainer:
             for mb in islice(loader, cfg.train.eval_steps * self.accum):
                 tokens = mb["tokens"].to(self.device)
                 mask = mb["loss_mask"].to(self.device)
-                losses = self.model(tokens[:, :-1], tokens[:, 1:])
+                losses = self.model(tokens[:, :-1], tokens[:, 1:], **self._documents(mb))
                 totals[0] += (losses * mask).sum()
                 totals[1] += mask.sum()
         else:

@@ -187,7 +187,8 @@ def test_cli_help_explains_every_option(capsys):
     for option in ("--input", "--tokenizer", "--output-prefix", "--format", "--json-key", "--workers",
                    "--repo-key", "--path-key", "--stars-key", "--meta-prob", "--seed",
                    "--escape-special-tokens", "--input-grouped", "--group-memory-mb", "--no-progress",
-                   "sc1-meta", "sc2-repo", "byte-identical"):
+                   "sc1-meta", "sc2-repo", "byte-identical", "--template", "--chat-template",
+                   "--commit-markers", "instruct", "commit", "chat", "preference", "_loss_mask"):
         assert option in out
 
 

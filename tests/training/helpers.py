@@ -34,6 +34,22 @@ def make_corpus(folder: Path, files: int = 12) -> str:
     return prefix
 
 
+def make_sft_corpus(folder: Path, pairs: int = 24) -> str:
+    """Prefix of a small instruct dataset (short prompts, responses of 8 to 31 characters of
+    standard-library code, so every example fits a 33-token row), with its loss mask."""
+    from starcoder.data import preprocess_corpus
+
+    folder.mkdir(parents=True, exist_ok=True)
+    code = "\n".join(p.read_text(errors="replace") for p in stdlib_sources(2))
+    with open(folder / "pairs.jsonl", "w") as f:
+        for i in range(pairs):
+            f.write(json.dumps({"instruction": f"Go on {i}", "response": code[i * 97:i * 97 + 8 + i]}) + "\n")
+    prefix = str(folder / "sft")
+    preprocess_corpus([folder / "pairs.jsonl"], "builtin:tiny", prefix, fmt="instruct",
+                      template="Q: {instruction}\nA: {response}", progress=False)
+    return prefix
+
+
 def tiny_config(corpus: str, out: Path, *overrides: str) -> Config:
     return load_config("tiny-sc2", [*TINY, f"data.paths=[{corpus}]", f"train.output_dir={out}",
                                     *overrides])

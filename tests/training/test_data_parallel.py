@@ -130,3 +130,15 @@ def test_tensor_parallel_gives_the_single_process_losses_and_checkpoints(world, 
     run = _resume_from(reference, 2, tmp_path / "one_to_tp")
     world.run(_train, corpus, str(run), tp)
     assert close(losses(run), losses(reference), 1e-5)
+
+
+@pytest.mark.parametrize("normalisation", ["token", "example"])
+def test_two_ranks_give_the_single_process_sft_losses(world, sft_corpus, tmp_path, normalisation):
+    """The loss mask's weights (per-example ones included) are normalised over the global batch:
+    DP 2 equals one process."""
+    sft = ["data.fim_rate=0", "train.objective=sft", "data.split=100,0,0",
+           f"train.loss_normalization={normalisation}"]
+    train(tiny_config(sft_corpus, tmp_path / "one", *sft))
+    world.run(_train, sft_corpus, str(tmp_path / "dp"), [*sft, "train.micro_batch_size=2"])
+    assert close(losses(tmp_path / "dp"), losses(tmp_path / "one"), 1e-6)
+    assert losses(tmp_path / "dp") != losses(tmp_path / "one")  # really computed apart
