@@ -142,7 +142,10 @@ def run_self_checks(device: torch.device, dtype: torch.dtype, shapes: Shapes) ->
     if not pending:
         return dict(_outcome)
     start = time.perf_counter()
-    reasons = {name: _failure(CHECKS[name], device, dtype, shapes) for name in pending}
+    # Set-up may run under no_grad, inference_mode or autocast (a loader); the checks need none.
+    with torch.inference_mode(False), torch.enable_grad(), \
+            torch.autocast(device.type, enabled=False):
+        reasons = {name: _failure(CHECKS[name], device, dtype, shapes) for name in pending}
     flags = torch.tensor([reasons[name] is None for name in pending], dtype=torch.int32,
                          device=device)
     if dist.is_available() and dist.is_initialized():

@@ -120,3 +120,11 @@ def test_ranks_agree_on_the_outcome():
     assert [outcome for outcome, _ in results] == [{"bias_gelu": False}] * 2
     (good_line,), (bad_line,) = (lines for _, lines in results)
     assert "on another rank" in good_line and "output 0 relative error" in bad_line
+
+
+def test_checks_run_under_inference_mode(checks, monkeypatch):
+    """A loader may set kernels under inference_mode: that must not fail a kernel's backward."""
+    checks("bias_gelu")
+    monkeypatch.setattr(kernels, "bias_gelu", kernels.bias_gelu_reference)
+    with torch.inference_mode():
+        assert self_check.run_self_checks(DEVICE, torch.float32, SHAPES) == {"bias_gelu": True}
