@@ -154,7 +154,7 @@ def run_self_checks(device: torch.device, dtype: torch.dtype, shapes: Shapes) ->
         _outcome[name] = bool(ok)
         if not ok:
             log.warning("model.kernels: auto: the Triton %s kernel failed its self-check in %s "
-                        "on %s (%s); its PyTorch reference serves that op in this process", name,
+                        "on %s (%s); the PyTorch path serves that op in this process", name,
                         str(dtype).removeprefix("torch."), device.type,
                         reasons[name] or "on another rank")
     log.info("kernel self-check: %d of %d kernels passed in %.1f s", sum(flags.tolist()),
