@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from starcoder.config import ModelConfig
 from starcoder.models import ops
 from starcoder.models.attention import attention, masked_attention, resolve_backend
+from starcoder.models.self_check import Shapes, run_self_checks
 
 
 class Linear(nn.Linear):
@@ -162,11 +163,16 @@ class GPT(nn.Module):
         self._rope_cache: dict = {}
         self.set_kernels(cfg.kernels)
 
-    def set_kernels(self, kernels: str, device: torch.device | None = None) -> None:
-        """Pick the kernel backend for every op (`auto` resolves against the device)."""
-        if device is None:
-            device = next(self.parameters()).device
+    def set_kernels(self, kernels: str, device: torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> None:
+        """Pick the kernel backend for every op (`auto` resolves against the device). When `auto`
+        means Triton, each kernel first checks itself in `dtype` (default: the parameters'),
+        once per process, on every rank together (`starcoder.models.self_check`)."""
+        param = next(self.parameters())
+        device = param.device if device is None else device
         backend = resolve_backend(kernels, device)
+        if backend == "auto":
+            run_self_checks(device, dtype or param.dtype, Shapes.of(self.cfg))
         for module in self.modules():
             if hasattr(module, "backend"):
                 module.backend = backend

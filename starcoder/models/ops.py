@@ -15,7 +15,7 @@ from starcoder.models.attention import uses_triton
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                backend: str = "torch") -> torch.Tensor:
-    if uses_triton(backend, x):
+    if uses_triton(backend, x, "layer_norm"):
         from starcoder.kernels import layer_norm as triton_layer_norm
 
         return triton_layer_norm(x, weight, bias, eps)
@@ -25,7 +25,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str,
               backend: str = "torch") -> torch.Tensor:
     """gelu(x + bias); `approximate` is "tanh" (as StarCoder trained) or "none" (exact)."""
-    if uses_triton(backend, x) and approximate == "tanh" and bias is not None:
+    if uses_triton(backend, x, "bias_gelu") and approximate == "tanh" and bias is not None:
         from starcoder.kernels import bias_gelu as triton_bias_gelu
 
         return triton_bias_gelu(x, bias)
@@ -49,7 +49,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
                backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [b, s, hq, d] and k [b, s, hk, d] by position; cos/sin are [s, d], or
     [b, s, d] when each row has its own positions (decoding; PyTorch only)."""
-    if uses_triton(backend, q) and cos.dim() == 2:
+    if uses_triton(backend, q, "rope") and cos.dim() == 2:
         from starcoder.kernels import apply_rope as triton_apply_rope
 
         return triton_apply_rope(q, k, cos, sin)
@@ -59,7 +59,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          backend: str = "torch") -> torch.Tensor:
     """cross_entropy(hidden @ weight.T, labels) per token; Triton never holds all fp32 logits."""
-    if uses_triton(backend, hidden):
+    if uses_triton(backend, hidden, "linear_cross_entropy"):
         from starcoder.kernels import linear_cross_entropy as triton_linear_cross_entropy
 
         return triton_linear_cross_entropy(hidden, weight, labels)
@@ -75,7 +75,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     """Per-token loss in fp32, same shape as labels; labels equal to -100 give 0."""
-    if uses_triton(backend, logits):
+    if uses_triton(backend, logits, "cross_entropy"):
         from starcoder.kernels import cross_entropy as triton_cross_entropy
 
         return triton_cross_entropy(logits, labels)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from starcoder.config import Config, ConfigError, ModelConfig, accumulation_steps
+from starcoder.models.attention import check_window_dropout
 from starcoder.planning.comm import comm_bytes
 from starcoder.planning.parameters import BYTES, parameters_per_rank, stage_layers
 
@@ -57,9 +58,11 @@ def activation_tensors(m: ModelConfig, tp: int, sp: bool, micro_batch: int, seq:
     """Bytes one block saves for backward per micro-batch on one TP rank, by tensor.
 
     `attention_path`: `flash` (the Triton kernel, or SDPA's flash kernels: q, k, v, the output and
-    an fp32 log-sum-exp per query), `sdpa-mask` (CPU SDPA's flash kernel with a window mask: the
-    same plus an [s, s] additive mask per call) or `math` (CUDA SDPA with a mask and GQA: the
-    [heads, s, s] probabilities are saved, and K/V are expanded to the query heads).
+    an fp32 log-sum-exp per query), `flex` (compiled FlexAttention, CUDA's windowed fallback: the
+    same), `sdpa-mask` (CPU SDPA's flash kernel with a window mask: the same plus an [s, s]
+    additive mask per call) or `math` (SDPA's math kernel, which CUDA SDPA with a mask and GQA
+    would take, and the model avoids: the [heads, s, s] probabilities are saved, and K/V are
+    expanded to the query heads).
     """
     e, b, s, h = dtype_bytes, micro_batch, seq, m.hidden_size
     d, f = m.head_dim, m.ffn_size
@@ -77,7 +80,7 @@ def activation_tensors(m: ModelConfig, tp: int, sp: bool, micro_batch: int, seq:
     qkv = tokens * (heads + 2 * kv_heads + (kv_heads if m.position_embedding == "rope" else 0)) * d * e
     if recompute != "selective":
         t["attention q, k, v"] = qkv
-        if attention_path in ("flash", "sdpa-mask"):
+        if attention_path in ("flash", "flex", "sdpa-mask"):
             t["attention output"] = tokens * heads * d * e
             t["attention log-sum-exp"] = tokens * heads * 4
             if attention_path == "sdpa-mask":  # SDPA turns the boolean mask into an additive one
@@ -102,12 +105,15 @@ def activation_tensors(m: ModelConfig, tp: int, sp: bool, micro_batch: int, seq:
 
 
 def attention_path(cfg: Config) -> str:
-    """Which attention a GPU run takes (docs/kernels.md): the Triton flash kernel unless
-    `kernels: torch` or attention dropout sends it to SDPA, whose flash kernels take no window."""
+    """Which attention a GPU run takes (docs/kernels.md): the Triton flash kernel, SDPA's flash
+    kernels where no mask is needed, or, for a window without the Triton kernel (`kernels: torch`,
+    or attention dropout), compiled FlexAttention, which saves what flash does. A window with
+    attention dropout there is refused at start-up, and so here."""
     m = cfg.model
+    check_window_dropout(m, cfg.train.seq_length, "cuda")
     triton = m.kernels != "torch" and m.attention_dropout == 0
     windowed = m.sliding_window is not None and m.sliding_window < cfg.train.seq_length
-    return "flash" if triton or not windowed else "math"
+    return "flash" if triton or not windowed else "flex"
 
 
 def in_flight(cfg: Config, accumulation: int) -> float:

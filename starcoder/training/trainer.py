@@ -45,6 +45,7 @@ from starcoder.convert.weights import load_weights
 from starcoder.config import Config, ConfigError, UserError, accumulation_steps
 from starcoder.data import (build_train_loader, build_valid_loader, document_mask_enabled,
                             load_tokenizer, resolve_epochs)
+from starcoder.models.attention import check_window_dropout
 from starcoder.models.flops import model_flops_per_token
 from starcoder.models.gpt import GPT
 from starcoder.models.init import init_weights
@@ -59,7 +60,7 @@ from starcoder.training.metrics import (MetricsLogger, check_logging, mfu, peak_
                                         peak_tflops)
 from starcoder.parallel.distributed_optimizer import DistributedOptimizer
 from starcoder.training.optimizer import build_optimizer, set_lr
-from starcoder.training.precision import LossScaler, resolve_precision
+from starcoder.training.precision import DTYPES, LossScaler, resolve_precision
 from starcoder.training.profiling import StepProfiler
 from starcoder.training.schedule import lr_at
 from starcoder.training.signals import StopRequest
@@ -143,7 +144,7 @@ def build_model(cfg: Config, grid: Grid, device: torch.device) -> GPT:
             split_model(model, cfg.parallel, grid.pp_rank)
     materialize(model, device)
     init_weights(model, cfg.model, cfg.train.seed)
-    model.set_kernels(cfg.model.kernels, device)
+    model.set_kernels(cfg.model.kernels, device, DTYPES[resolve_precision(cfg.train, device)])
     if cfg.train.compile:
         model.compile()
     return model.train()
@@ -168,6 +169,7 @@ class Trainer:
         check_logging(cfg)
         self.cfg, t = cfg, cfg.train
         self.device = resolve_device(t.device)
+        check_window_dropout(cfg.model, t.seq_length, self.device.type)
         self.grid = init_grid(cfg.parallel, self.device.type)
         self.accum = accumulation_steps(t, self.grid.dp)
         self.precision = resolve_precision(t, self.device)
