@@ -1,12 +1,15 @@
 """The planner's activation bytes equal what one block saves for backward (saved-tensor hooks),
 for tiny-sc1 and tiny-sc2, every recompute mode, fp32 and bf16, TP 1 and TP 2 with SP on and off."""
 
+from unittest import mock
+
 import pytest
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.utils._pytree import tree_leaves
+from torch.utils.checkpoint import CheckpointPolicy
 
 from starcoder.config import ParallelConfig, load_config
-from starcoder.models import GPT
+from starcoder.models import GPT, recompute
 from starcoder.models.attention import sliding_window_mask
 from starcoder.parallel import init_grid, parallelize
 from starcoder.planning import activation_tensors
@@ -19,7 +22,8 @@ CASES = [(name, mode, dtype) for name in ("tiny-sc1", "tiny-sc2")
 
 def saved_block_bytes(model: GPT, x: torch.Tensor, mode: str) -> int:
     """Bytes of the distinct storages block 0 saves for backward, leaving out what every block
-    shares (parameters, RoPE tables, the sliding-window mask)."""
+    shares (parameters, RoPE tables, the sliding-window mask): what reaches the saved-tensor
+    hooks, plus the op outputs the selective policy keeps (the checkpoint holds those itself)."""
     seq = x.shape[1] * (model.blocks["0"].attn.q_proj.grid.tp
                         if getattr(model.blocks["0"].attn.q_proj, "grid", None)
                         and model.blocks["0"].attn.q_proj.grid.sequence_parallel else 1)
@@ -35,9 +39,17 @@ def saved_block_bytes(model: GPT, x: torch.Tensor, mode: str) -> int:
         if storage.data_ptr() not in skip:
             storages[storage.data_ptr()] = storage.nbytes()
         return t
-    block = model.blocks["0"]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = checkpoint(block, x, rope, use_reentrant=False) if mode == "full" else block(x, rope)
+    def keeping(ctx, op, *args, **kwargs):
+        decision = policy(ctx, op, *args, **kwargs)
+        if decision == CheckpointPolicy.MUST_SAVE:
+            for t in tree_leaves(ctx.op_output):
+                if isinstance(t, torch.Tensor):
+                    pack(t)
+        return decision
+    policy = recompute.policy
+    with mock.patch.object(recompute, "policy", keeping), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = recompute.run_block(model.blocks["0"], x, rope, mode)
     y.float().sum().backward()
     return sum(storages.values())
 
