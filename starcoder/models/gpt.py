@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from starcoder.config import ModelConfig
 from starcoder.models import ops
-from starcoder.models.recompute import run_blocks
 from starcoder.models.attention import attention, masked_attention, resolve_backend
+from starcoder.models.recompute import run_blocks
 
 
 class Linear(nn.Linear):
@@ -188,7 +188,7 @@ class GPT(nn.Module):
             x = run_blocks(self.blocks, x, rope, self.cfg, self.training)
         else:
             for name, block in self.blocks.items():
-                x = block(x, rope, None if cache is None else cache[name])
+                x = block(x, rope, cache[name])
         if last_only:
             x = x[:, -1:]
         x = self.final_norm(x)
