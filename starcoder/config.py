@@ -430,6 +430,12 @@ def _validate(cfg: Config) -> None:
              f"must be in [0, model.num_layers ({m.num_layers})] or null, got {m.recompute_layers}")
         need(m.recompute == "full", "model.recompute_layers",
              f"applies to model.recompute: full only (got {m.recompute}); set it to null")
+    # The zero-bubble split backward runs each block's backward in two passes; selective
+    # checkpointing hands its saved outputs out once.
+    need(m.recompute != "selective" or cfg.parallel.pipeline_parallel == 1
+         or cfg.parallel.pipeline_schedule != "zero_bubble", "model.recompute",
+         "selective cannot run under parallel.pipeline_schedule: zero_bubble (its split backward "
+         "goes through each block twice); use full or none")
     if m.architecture == "gpt_bigcode":
         need(m.position_embedding == "learned", "model.position_embedding",
              "gpt_bigcode (StarCoder) uses learned positions; use architecture starcoder2 for RoPE")

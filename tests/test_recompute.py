@@ -104,8 +104,10 @@ def test_recompute_layers_recomputes_the_first_blocks_of_each_chunk():
      "model.recompute_layers: must be in [0, model.num_layers (4)] or null, got 5"),
     (["model.recompute=selective", "model.recompute_layers=2"],
      "model.recompute_layers: applies to model.recompute: full only (got selective)"),
+    (["model.recompute=selective", "parallel.pipeline_parallel=2", "parallel.pipeline_schedule=zero_bubble"],
+     "model.recompute: selective cannot run under parallel.pipeline_schedule: zero_bubble"),
 ])
-def test_recompute_layers_is_validated(overrides, message):
+def test_recompute_settings_are_validated(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config("tiny-sc2", overrides)
     assert str(err.value).startswith(message), str(err.value)

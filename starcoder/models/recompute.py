@@ -20,7 +20,13 @@ allocated, so a cached result would leave the replayed buffer unwritten. They ar
 instead, which costs the same communication as `full` recompute in backward (per block under
 sequence parallelism two all-gathers and a reduce-scatter, a second one with hidden dropout; one
 all-reduce, two with hidden dropout, without). The recomputation stops at the last tensor the
-backward needs, so ops after it (the MLP's output collective without dropout) do not run again.
+backward needs, so ops after it (the MLP's output collective without dropout) do not run again;
+fc_out's output is kept all the same (T x h per block), which is what spares its GEMM when hidden
+dropout follows it.
+
+The saved outputs are handed back once: `selective` cannot run under the zero-bubble schedule,
+whose split backward goes through each block twice (refused in `starcoder.config`; `full`
+works there and recomputes each block in both passes).
 """
 
 from __future__ import annotations
