@@ -137,4 +137,14 @@ fi
 note "" "## 5 kernel benchmarks -> kernels.md, kernels.png, memory.png"
 run_stage kernels 75 $PY benchmarks/kernels.py --only layer_norm,bias_gelu,rope,cross_entropy --out "$OUT"
 [[ $? != 99 ]] && note "- ran ${STAGE_SECONDS}s"
+
+# --- recompute: peak memory of starcoderbase-1b per recompute mode vs `starcoder plan` ----------
+# benchmarks/recompute_memory.py: one micro-batch at 8K per mode (none, selective, full, full on
+# half the blocks), torch.cuda.max_memory_allocated beside the planner's terms (issue 12 item 2).
+note "" "## recompute memory, starcoderbase-1b (MiB above weights and gradients)"
+# Fixed tiles (no autotuning): the step's memory is what is measured, not its speed.
+run_stage recompute 60 env STARCODER_AUTOTUNE=0 $PY benchmarks/recompute_memory.py \
+    --config starcoderbase-1b --out "$SUMMARY"
+[[ $? != 99 ]] && note "- ran ${STAGE_SECONDS}s"
+
 note "" "total $(elapsed)s"

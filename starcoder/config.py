@@ -87,9 +87,14 @@ class ModelConfig:
     # Kernel backend: `torch` (PyTorch ops, any device), `triton` (hand-written kernels, GPUs and
     # the Triton interpreter), `auto` (Triton on CUDA, torch elsewhere).
     kernels: Literal["auto", "torch", "triton"] = "auto"
-    # Activation recomputation: `selective` recomputes attention only, `full` whole blocks.
+    # Activation recomputation in backward (docs/training.md): `selective` keeps the GEMM and
+    # attention outputs and recomputes the memory-bound ops between them (LayerNorm, GeLU, bias
+    # adds, dropout masks, RoPE); `full` keeps only each block's input and recomputes the block.
     # (`none` rather than `off`: YAML reads a bare off as false.)
     recompute: Literal["none", "selective", "full"] = "none"
+    # With recompute full: recompute only the first N blocks of each model chunk (pipeline stage
+    # or virtual stage); the others save everything. None: every block.
+    recompute_layers: Optional[int] = None
 
     @property
     def head_dim(self) -> int:
@@ -438,6 +443,17 @@ def _validate(cfg: Config) -> None:
     for key in ("bos_token_id", "eos_token_id"):
         need(0 <= getattr(m, key) < m.vocab_size, f"model.{key}",
              f"{getattr(m, key)} is outside the vocabulary (model.vocab_size {m.vocab_size})")
+    if m.recompute_layers is not None:
+        need(0 <= m.recompute_layers <= m.num_layers, "model.recompute_layers",
+             f"must be in [0, model.num_layers ({m.num_layers})] or null, got {m.recompute_layers}")
+        need(m.recompute == "full", "model.recompute_layers",
+             f"applies to model.recompute: full only (got {m.recompute}); set it to null")
+    # The zero-bubble split backward runs each block's backward in two passes; selective
+    # checkpointing hands its saved outputs out once.
+    need(m.recompute != "selective" or cfg.parallel.pipeline_parallel == 1
+         or cfg.parallel.pipeline_schedule != "zero_bubble", "model.recompute",
+         "selective cannot run under parallel.pipeline_schedule: zero_bubble (its split backward "
+         "goes through each block twice); use full or none")
     if m.architecture == "gpt_bigcode":
         need(m.position_embedding == "learned", "model.position_embedding",
              "gpt_bigcode (StarCoder) uses learned positions; use architecture starcoder2 for RoPE")

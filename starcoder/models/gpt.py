@@ -14,12 +14,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from starcoder.config import ModelConfig
 from starcoder.models import ops
 from starcoder.models.attention import attention, masked_attention, resolve_backend
 from starcoder.models.self_check import Shapes, run_self_checks
+from starcoder.models.recompute import run_blocks
 
 
 class Linear(nn.Linear):
@@ -80,7 +80,6 @@ class Attention(nn.Module):
         self.out_proj = Linear(cfg.num_attention_heads * d, cfg.hidden_size)
         self.window = cfg.sliding_window
         self.dropout_p = cfg.attention_dropout
-        self.recompute = cfg.recompute == "selective"
         self.backend = "torch"
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -93,15 +92,10 @@ class Attention(nn.Module):
         if cache is not None:  # decoding: attend over the cached keys and these, as it masks
             k, v, mask = cache.update(k, v)
             out = masked_attention(q, k, v, mask)
-        elif self.recompute and self.training:
-            out = checkpoint(self._core, q, k, v, use_reentrant=False)
         else:
-            out = self._core(q, k, v)
+            out = attention(q, k, v, causal=True, window=self.window,
+                            dropout_p=self.dropout_p if self.training else 0.0, backend=self.backend)
         return self.out_proj(out.reshape(b, s, -1))
-
-    def _core(self, q, k, v):
-        return attention(q, k, v, causal=True, window=self.window,
-                         dropout_p=self.dropout_p if self.training else 0.0, backend=self.backend)
 
 
 class MLP(nn.Module):
@@ -196,12 +190,11 @@ class GPT(nn.Module):
             positions = cache.positions(input_ids.shape[1])
             x = self.embedding(input_ids, positions)
             rope = self._rope_at(positions)
-        full_recompute = self.cfg.recompute == "full" and self.training
-        for name, block in self.blocks.items():
-            if full_recompute:
-                x = checkpoint(block, x, rope, use_reentrant=False)
-            else:
-                x = block(x, rope, None if cache is None else cache[name])
+        if cache is None:
+            x = run_blocks(self.blocks, x, rope, self.cfg, self.training)
+        else:
+            for name, block in self.blocks.items():
+                x = block(x, rope, cache[name])
         if last_only:
             x = x[:, -1:]
         x = self.final_norm(x)

@@ -29,10 +29,10 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
                                           ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble,
                                           ScheduleZBVZeroBubble)
-from torch.utils.checkpoint import checkpoint
 
 from starcoder.config import ConfigError, ParallelConfig
 from starcoder.models.gpt import GPT
+from starcoder.models.recompute import run_blocks
 from starcoder.parallel.grid import Grid
 
 
@@ -107,9 +107,7 @@ class StageModule(nn.Module):
         else:  # hidden states: [batch, seq / tp, hidden] under sequence parallel
             seq_len = x.shape[1] * self.seq_split
         rope = model._rope(seq_len, x.device)
-        full_recompute = model.cfg.recompute == "full" and model.training
-        for block in self.blocks.values():
-            x = checkpoint(block, x, rope, use_reentrant=False) if full_recompute else block(x, rope)
+        x = run_blocks(self.blocks, x, rope, model.cfg, model.training)  # this stage's chunk
         return self.final_norm(x) if self.final_norm is not None else x
 
 

@@ -8,7 +8,7 @@ all-gather and reduce-scatter (n-1)/n x B, a pipeline send B, for a tensor of B 
 from __future__ import annotations
 
 from starcoder.config import Config
-from starcoder.planning.parameters import BYTES, parameters_per_rank, stage_layers
+from starcoder.planning.parameters import BYTES, parameters_per_rank, recomputed_layers, stage_layers
 
 
 def _ring(kind: str, n: int, nbytes: float) -> float:
@@ -31,9 +31,10 @@ def comm_bytes(cfg: Config, dp: int, accumulation: int) -> dict[str, int]:
         per_block = 4 * (_ring("all_gather", tp, activation) + _ring("reduce_scatter", tp, activation))
     else:
         per_block = 4 * _ring("all_reduce", tp, activation)
-    if m.recompute == "full":
-        per_block *= 1.5  # the recomputed forward repeats the forward's collectives
-    tp_bytes = accumulation * layers * per_block
+    # A recomputed forward repeats the forward's collectives: full recompute in its recomputed
+    # blocks, selective in every block (starcoder.models.recompute cannot keep their outputs).
+    replayed = layers if m.recompute == "selective" else max(recomputed_layers(cfg))
+    tp_bytes = accumulation * (layers + 0.5 * replayed) * per_block
     n = parameters_per_rank(m, tp, layers, pp == 1, True, pp)
     grad_bytes = 4 if precision == "fp32" or getattr(p, "grad_reduce_in_fp32", True) else 2
     if p.distributed_optimizer:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from starcoder.config import Config, ConfigError, ModelConfig, accumulation_steps
 from starcoder.models.attention import check_window_dropout
 from starcoder.planning.comm import comm_bytes
-from starcoder.planning.parameters import BYTES, parameters_per_rank, stage_layers
+from starcoder.planning.parameters import BYTES, parameters_per_rank, recomputed_layers, stage_layers
 
 GiB = 2 ** 30
 # CUDA context, NCCL buffers and allocator fragmentation: a flat allowance (see docs/plan.md).
@@ -72,25 +72,23 @@ def activation_tensors(m: ModelConfig, tp: int, sp: bool, micro_batch: int, seq:
     local = tokens // tp if sp else tokens  # tokens in the LayerNorm / residual region
     if recompute == "full":
         return {"block input": local * h * e}
+    if recompute == "selective":
+        return _selective_tensors(m, tp, micro_batch, seq, dtype_bytes, local, attention_path)
     t: dict[str, int] = {}
     t["attn_norm input"] = local * h * e
     t["attn_norm mean, rstd"] = 2 * local * 4
     t["q/kv input"] = tokens * h * e
     # v is a view of kv_proj's output, which therefore stays whole; RoPE makes k a new tensor.
     qkv = tokens * (heads + 2 * kv_heads + (kv_heads if m.position_embedding == "rope" else 0)) * d * e
-    if recompute != "selective":
-        t["attention q, k, v"] = qkv
-        if attention_path in ("flash", "flex", "sdpa-mask"):
-            t["attention output"] = tokens * heads * d * e
-            t["attention log-sum-exp"] = tokens * heads * 4
-            if attention_path == "sdpa-mask":  # SDPA turns the boolean mask into an additive one
-                t["attention mask"] = s * s * e
-        else:
-            t["attention k, v expanded"] = 2 * tokens * heads * d * e if kv_heads < heads else 0
-            t["attention probabilities"] = b * heads * s * s * e
-            t["attention output"] = tokens * heads * d * e
+    t["attention q, k, v"] = qkv
+    if attention_path in ("flash", "flex", "sdpa-mask"):
+        t["attention output"] = tokens * heads * d * e
+        t["attention log-sum-exp"] = tokens * heads * 4
+        if attention_path == "sdpa-mask":  # SDPA turns the boolean mask into an additive one
+            t["attention mask"] = s * s * e
     else:
-        t["attention q, k, v"] = qkv  # the checkpoint's inputs
+        t["attention k, v expanded"] = 2 * tokens * heads * d * e if kv_heads < heads else 0
+        t["attention probabilities"] = b * heads * s * s * e
         t["attention output"] = tokens * heads * d * e
     t["mlp_norm input"] = local * h * e
     t["mlp_norm mean, rstd"] = 2 * local * 4
@@ -99,9 +97,33 @@ def activation_tensors(m: ModelConfig, tp: int, sp: bool, micro_batch: int, seq:
     t["fc_out input"] = tokens * f // tp * e
     if m.hidden_dropout > 0:
         t["dropout masks"] = 2 * local * h  # one byte per element
-    if m.attention_dropout > 0 and recompute != "selective":
+    if m.attention_dropout > 0:
         t["attention dropout mask"] = b * heads * s * s if attention_path == "math" else 0
     return {k: v for k, v in t.items() if v}
+
+
+def _selective_tensors(m: ModelConfig, tp: int, micro_batch: int, seq: int, e: int, local: int,
+                       attention_path: str) -> dict[str, int]:
+    """`recompute: selective` (starcoder.models.recompute): the checkpoint keeps the block input
+    and the outputs of the GEMMs and of attention; everything else is recomputed. The output
+    projections' GEMM outputs are the partial sums before the TP reduction: whole sequence."""
+    b, s, h, d = micro_batch, seq, m.hidden_size, m.head_dim
+    heads = m.num_attention_heads // tp
+    kv_heads = max(m.num_query_groups // tp, 1)
+    tokens = b * s
+    t = {"block input": local * h * e,
+         "q_proj output": tokens * heads * d * e,
+         "kv_proj output": tokens * 2 * kv_heads * d * e}
+    if attention_path in ("flash", "flex", "sdpa-mask"):
+        t["attention output"] = tokens * heads * d * e
+        t["attention log-sum-exp"] = tokens * heads * 4
+    else:  # SDPA's math path: its two bmm outputs (scores; output); the softmax is recomputed
+        t["attention scores"] = b * heads * s * s * e
+        t["attention output"] = tokens * heads * d * e
+    t["out_proj output"] = tokens * h * e
+    t["fc_in output"] = tokens * m.ffn_size // tp * e
+    t["fc_out output"] = tokens * h * e
+    return t
 
 
 def attention_path(cfg: Config) -> str:
@@ -149,8 +171,7 @@ def plan_layout(cfg: Config, nodes: int | None = None, gpus_per_node: int = 8,
     accumulation = accumulation_steps(t, dp)
     precision = "bf16" if t.precision == "auto" else t.precision
     e = BYTES[precision]
-    layers = stage_layers(cfg)
-    n_layers = getattr(m, "recompute_layers", None)
+    layers, recomputed = stage_layers(cfg), recomputed_layers(cfg)
     flight = in_flight(cfg, accumulation)
     path = attention_path(cfg)
     worst: Plan | None = None
@@ -170,8 +191,10 @@ def plan_layout(cfg: Config, nodes: int | None = None, gpus_per_node: int = 8,
         def block(mode):
             return sum(activation_tensors(m, tp, p.sequence_parallel, t.micro_batch_size,
                                           t.seq_length, e, mode, path).values())
-        full = min(n_layers or 0, count)
-        per_micro = full * block("full") + (count - full) * block(m.recompute)
+        # Under recompute_layers the blocks that full recompute skips save everything.
+        full = recomputed[rank]
+        per_micro = (full * block("full") + (count - full) * block("none") if m.recompute == "full"
+                     else count * block(m.recompute))
         terms["activations"] = int(per_micro * flight)
         tokens = t.micro_batch_size * t.seq_length
         vocab = m.padded_vocab_size(tp) // tp
@@ -186,7 +209,8 @@ def plan_layout(cfg: Config, nodes: int | None = None, gpus_per_node: int = 8,
     worst.comm = comm_bytes(cfg, dp, accumulation)
     worst.notes = [
         f"precision {precision}; attention {path}; recompute {m.recompute}"
-        + (f" (full on the first {n_layers} blocks)" if n_layers else "")
+        + (f" (full on the first {m.recompute_layers} blocks of each model chunk)"
+           if m.recompute == "full" and m.recompute_layers is not None else "")
         + f"; {flight:g} micro-batch(es) of activations in flight on the first stage",
         f"workspace: {WORKSPACE_BYTES // GiB} GiB allowance + one block's backward working set",
     ]

@@ -9,11 +9,25 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 def stage_layers(cfg: Config) -> list[int]:
     """Blocks per pipeline stage (model chunks of one rank summed)."""
+    return _per_stage(cfg, lambda chunk: chunk)
+
+
+def recomputed_layers(cfg: Config) -> list[int]:
+    """Blocks per pipeline stage that `recompute: full` recomputes: `model.recompute_layers` of
+    each model chunk (all of them when null); 0 under other modes."""
+    m = cfg.model
+    if m.recompute != "full":
+        return [0] * cfg.parallel.pipeline_parallel
+    n = m.recompute_layers
+    return _per_stage(cfg, lambda chunk: chunk if n is None else min(n, chunk))
+
+
+def _per_stage(cfg: Config, of_chunk) -> list[int]:
     p = cfg.parallel
     pp, v = p.pipeline_parallel, getattr(p, "virtual_pipeline", 1)
     chunks = getattr(p, "pipeline_layers", None) or [cfg.model.num_layers // (pp * v)] * (pp * v)
     # Chunk c runs on rank c % pp (interleaved placement).
-    return [sum(chunks[c] for c in range(rank, pp * v, pp)) for rank in range(pp)]
+    return [sum(of_chunk(chunks[c]) for c in range(rank, pp * v, pp)) for rank in range(pp)]
 
 
 def parameters_per_rank(m: ModelConfig, tp: int, layers: int, first: bool, last: bool,

@@ -1,8 +1,8 @@
 """Rank the layouts that fit on N nodes by a roofline step time (docs/plan.md states the model).
 
 step = compute x (1 + bubble) + TP time + PP time + DP time, where
-- compute = training FLOPs of the rank's tokens (6N + attention, x 4/3 under full recompute)
-  at `gemm_efficiency` of the GPU's peak;
+- compute = training FLOPs of the rank's tokens (6N + attention, x 4/3 in the blocks full
+  recompute recomputes; selective recomputes no GEMM) at `gemm_efficiency` of the GPU's peak;
 - bubble = (PP - 1) / (micro-batches x virtual chunks) (1F1B / interleaved);
 - TP collectives run exposed at the NVLink bandwidth when TP fits in a node, else at the
   network bandwidth; PP sends and DP reductions use the link their group spans, DP
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from starcoder.config import Config, ConfigError, accumulation_steps
 from starcoder.models.flops import model_flops_per_token
 from starcoder.planning.memory import GiB, Plan, plan_layout
+from starcoder.planning.parameters import recomputed_layers
 
 
 @dataclass
@@ -33,8 +34,7 @@ def step_time(cfg: Config, plan: Plan, gpus_per_node: int, hw: Hardware) -> floa
     accumulation = accumulation_steps(t, dp)
     tokens_per_rank = t.global_batch_size * t.seq_length / dp
     flops = model_flops_per_token(m, t.seq_length) * tokens_per_rank / (tp * pp)
-    if m.recompute == "full" or getattr(m, "recompute_layers", None):
-        flops *= 4 / 3
+    flops *= 1 + sum(recomputed_layers(cfg)) / m.num_layers / 3
     compute = flops / (hw.peak_tflops * 1e12 * hw.gemm_efficiency)
     bubble = (pp - 1) / (accumulation * getattr(p, "virtual_pipeline", 1))
 

@@ -330,7 +330,7 @@ def _check_shapes(model: nn.Module, metadata, saved: Config, cfg: Config, step_d
 
 
 # Model keys that never change a tensor's shape.
-SHAPELESS = ("kernels", "recompute", "attention_dropout", "hidden_dropout", "embedding_dropout",
+SHAPELESS = ("kernels", "recompute", "recompute_layers", "attention_dropout", "hidden_dropout", "embedding_dropout",
              "init_method_std", "make_vocab_size_divisible_by", "activation", "layernorm_epsilon",
              "bos_token_id", "eos_token_id")
 

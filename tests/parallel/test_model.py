@@ -173,3 +173,34 @@ def test_dropout_is_replayed_by_recomputation_and_agrees_across_copies(world, sp
         assert r["copies_identical"]  # replicated activations dropped out alike on all TP ranks
         # The forks drew from the default stream alike on every rank.
         assert torch.equal(r["default_stream"], plain[0]["default_stream"])
+
+
+def _recompute_counts(sp, mode):
+    """One step of tiny-sc1 at TP 2: attention forwards, GEMMs and TP bytes sent, gradients."""
+    from starcoder.parallel.comm_accounting import CommAccounting
+    from tests.test_recompute import ATTENTION, GEMMS, OpCounter
+
+    cfg = model_config("tiny-sc1", 2, sp, (f"model.recompute={mode}",))
+    g = grid(2, sp)
+    _, model = reference_and_parallel(cfg, g)
+    ids, labels = batch(cfg, seed=3)
+    with OpCounter() as ops, CommAccounting({"tp": g.group("tp")}) as comm:
+        model(ids, labels).mean().backward()
+    tp_sent = sum(sent for (group, _), sent in comm.sent().items() if group == "tp")
+    return {"attention": ops.count(ATTENTION), "gemms": ops.count(GEMMS), "tp_sent": tp_sent,
+            "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_selective_recompute_under_tensor_parallel(world, sp):
+    """Selective runs attention and the GEMMs once; it replays the block's collectives (their
+    outputs cannot be kept, starcoder.models.recompute) as full recompute does."""
+    runs = {mode: world.run(_recompute_counts, sp, mode) for mode in ("none", "selective", "full")}
+    for rank in range(len(runs["none"])):
+        none, selective, full = (runs[m][rank] for m in ("none", "selective", "full"))
+        assert selective["attention"] == none["attention"] < full["attention"]
+        assert selective["gemms"] == none["gemms"] < full["gemms"]
+        assert none["tp_sent"] < selective["tp_sent"] == full["tp_sent"]
+        for name, grad in none["grads"].items():
+            assert torch.equal(selective["grads"][name], grad), name
+            assert torch.equal(full["grads"][name], grad), name

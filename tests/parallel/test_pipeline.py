@@ -28,6 +28,10 @@ CASES = {
     "tied-1f1b": ("tiny-sc1", layout(1, 2), False),
     "tied-interleaved-v2": ("tiny-sc1", layout(1, 2, "parallel.virtual_pipeline=2"), False),
     "recompute-full": ("tiny-sc2", layout(1, 2, "model.recompute=full"), True),
+    "recompute-selective": ("tiny-sc2", layout(1, 2, "model.recompute=selective"), True),
+    # full on the first block of each of the rank's two chunks
+    "recompute-layers-v2": ("tiny-sc2", layout(1, 2, "parallel.virtual_pipeline=2", "model.recompute=full",
+                                               "model.recompute_layers=1"), True),
     "fp16-loss-scale": ("tiny-sc2", layout(1, 2, "train.precision=fp16",
                                            "train.initial_loss_scale=1024"), False),
 }
@@ -37,7 +41,8 @@ FP16_TOL = 1e-3
 
 
 def reference_sets(name: str) -> tuple[str, ...]:
-    return tuple(x for x in CASES[name][1] if not x.startswith("parallel."))
+    # Recomputation changes no number: its cases compare with the run that recomputes nothing.
+    return tuple(x for x in CASES[name][1] if not x.startswith(("parallel.", "model.recompute")))
 
 
 @pytest.fixture(scope="module")
