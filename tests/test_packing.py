@@ -1,13 +1,16 @@
 """Packing with document masking: examples packed into rows with `document_ids` give what each
 gives alone (attention stops at document boundaries, positions restart per document)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from starcoder.config import load_config
+from starcoder.config import ConfigError, load_config
 from starcoder.models import GPT, init_weights
 from starcoder.models.attention import attention
 from starcoder.models.gpt import document_positions
+from starcoder.training.trainer import Trainer
 from tests.kernels.checks import DEVICE
 
 
@@ -119,3 +122,10 @@ def test_bad_document_ids_are_named():
     ids = torch.zeros(1, 8, dtype=torch.long, device=DEVICE)
     with pytest.raises(ValueError, match="document_ids"):
         model(ids, document_ids=ids[:, :7])
+
+
+def test_pipeline_parallel_refuses_document_ids():
+    tokens = torch.zeros(1, 9, dtype=torch.long)
+    micro_batch = {"tokens": tokens, "loss_mask": torch.ones(1, 8), "document_ids": tokens}
+    with pytest.raises(ConfigError, match="data.document_mask: not available under pipeline"):
+        Trainer._pipeline_batch(SimpleNamespace(device=torch.device("cpu")), [micro_batch])
