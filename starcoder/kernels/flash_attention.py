@@ -220,7 +220,7 @@ def _attn_fwd(Q, K, V, O, LSE, DOC,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     lo, ulo, uhi, hi = _key_range(start_m, seq_len, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOWED)
     doc_base = DOC + b * stride_db
-    doc_m = offs_m
+    doc_m = offs_m  # a placeholder without VARLEN (never read)
     if VARLEN:
         lo, ulo, uhi, hi = _document_range(lo, ulo, uhi, hi, doc_base, stride_dt, start_m,
                                            tl.minimum(start_m + BLOCK_M, seq_len) - 1, BLOCK_N)
@@ -329,7 +329,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, DOC,
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     lo, ulo, uhi, hi = _query_range(start_n, seq_len, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOWED)
     doc_base = DOC + b * stride_db
-    doc_n = offs_n
+    doc_n = offs_n  # a placeholder without VARLEN (never read)
     if VARLEN:
         lo, ulo, uhi, hi = _document_range(lo, ulo, uhi, hi, doc_base, stride_dt, start_n,
                                            tl.minimum(start_n + BLOCK_N, seq_len) - 1, BLOCK_M)
@@ -412,7 +412,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, DOC,
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     lo, ulo, uhi, hi = _key_range(start_m, seq_len, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOWED)
     doc_base = DOC + b * stride_db
-    doc_m = offs_m
+    doc_m = offs_m  # a placeholder without VARLEN (never read)
     if VARLEN:
         lo, ulo, uhi, hi = _document_range(lo, ulo, uhi, hi, doc_base, stride_dt, start_m,
                                            tl.minimum(start_m + BLOCK_M, seq_len) - 1, BLOCK_N)
