@@ -7,9 +7,11 @@ interpreter (TRITON_INTERPRET=1), which is how the test suite checks them.
 
 Model-facing entry points (what `starcoder.models.ops` / `attention` call with `kernels: triton`):
 
-    flash_attention(q, k, v, causal=True, window=None, scale=None)
+    flash_attention(q, k, v, causal=True, window=None, scale=None, document_ids=None)
         q [b, s, hq, d], k/v [b, s, hk, d] (hq % hk == 0), d in {16, 32, 64, 128, 256};
-        window W: query i sees keys i - W < j <= i. No dropout.
+        window W: query i sees keys i - W < j <= i. No dropout. document_ids [b, s] (integer,
+        nondecreasing per row; the varlen form of cu_seqlens): attention within documents only,
+        tiles of other documents skipped. attention_reference takes the same arguments.
     layer_norm(x, weight, bias, eps, residual=None)
         -> y, or (y, x + residual) with the residual add fused.
     bias_gelu(x, bias)                      gelu_tanh(x + bias)

@@ -8,6 +8,9 @@ Without the Triton kernel, a call that needs a mask (a window shorter than the k
 attention with fewer queries than keys) runs compiled FlexAttention on CUDA: SDPA with an explicit
 mask and GQA would take its math kernel, which holds [heads, s, s] scores. Elsewhere (CPU) masked
 SDPA serves it.
+
+`document_ids` [batch, seq] (integer, nondecreasing along each row) packs several documents into
+one row: query i then sees key j only within its own document (block-diagonal causal).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ AUTO_DEVICE = "cuda"
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
               window: int | None = None, scale: float | None = None, dropout_p: float = 0.0,
-              backend: str = "torch") -> torch.Tensor:
+              backend: str = "torch", document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention; returns [batch, seq, q_heads, head_dim].
 
     `auto` (kept by `resolve_backend` on CUDA) takes the Triton kernel unless this call has
@@ -43,7 +46,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
                              "model.attention_dropout: 0 or model.kernels: auto|torch")
         from starcoder.kernels import flash_attention
 
-        return flash_attention(q, k, v, causal=causal, window=window, scale=scale)
+        return flash_attention(q, k, v, causal=causal, window=window, scale=scale,
+                               document_ids=document_ids)
+    if document_ids is not None:
+        return masked_attention(q, k, v, document_mask(document_ids, causal, window), scale,
+                                dropout_p)
     return sdpa_attention(q, k, v, causal, window, scale, dropout_p)
 
 
@@ -108,13 +115,24 @@ def _flex_block_mask(build_mask, seq_q: int, seq_k: int, window: int, causal: bo
     return build_mask(allowed, None, None, seq_q, seq_k, device=device)
 
 
-def masked_attention(q, k, v, mask: torch.Tensor, scale=None):
+def masked_attention(q, k, v, mask: torch.Tensor, scale=None, dropout_p: float = 0.0):
     """SDPA with a boolean mask [batch, seq_q, seq_k] (True: may attend), as a KV cache builds it
-    for prompts of different lengths and rolling sliding-window buffers."""
+    for prompts of different lengths and rolling sliding-window buffers, and `document_mask` for
+    packed documents."""
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], scale=scale,
-                                         enable_gqa=q.shape[2] != k.shape[2])
+                                         dropout_p=dropout_p, enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)
+
+
+def document_mask(document_ids: torch.Tensor, causal: bool = True,
+                  window: int | None = None) -> torch.Tensor:
+    """Boolean [batch, seq, seq] self-attention mask, True where query i may see key j: the same
+    document, and the causal / sliding-window mask of `sliding_window_mask`. (As a FlexAttention
+    mask_mod this is `doc[b, i] == doc[b, j]` and'ed with the causal/window one.)"""
+    seq = document_ids.shape[1]
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    return same & sliding_window_mask(seq, seq, window or seq, causal, document_ids.device)
 
 
 @functools.lru_cache(maxsize=16)

@@ -55,7 +55,8 @@ class Embedding(nn.Module):
         self.dropout = nn.Dropout(cfg.embedding_dropout)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """`positions` [batch, seq]: each token's position (decoding with a cache); None: 0..seq-1."""
+        """`positions` [batch, seq]: each token's position (decoding with a cache, packed
+        documents); None: 0..seq-1."""
         x = self.word(input_ids)
         if self.position is not None:
             x = x + (self.position.weight[: input_ids.shape[1]] if positions is None
@@ -83,7 +84,7 @@ class Attention(nn.Module):
         self.backend = "torch"
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache=None) -> torch.Tensor:
+                cache=None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, -1, self.head_dim)
         k, v = self.kv_proj(x).view(b, s, -1, 2, self.head_dim).unbind(3)
@@ -94,7 +95,8 @@ class Attention(nn.Module):
             out = masked_attention(q, k, v, mask)
         else:
             out = attention(q, k, v, causal=True, window=self.window,
-                            dropout_p=self.dropout_p if self.training else 0.0, backend=self.backend)
+                            dropout_p=self.dropout_p if self.training else 0.0, backend=self.backend,
+                            document_ids=document_ids)
         return self.out_proj(out.reshape(b, s, -1))
 
 
@@ -120,8 +122,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x: torch.Tensor, rope=None, cache=None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache))
+    def forward(self, x: torch.Tensor, rope=None, cache=None, document_ids=None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, document_ids))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -175,15 +177,29 @@ class GPT(nn.Module):
         return self.embedding.word.weight if self.cfg.tie_word_embeddings else self.head.weight
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                cache=None, last_only: bool = False) -> torch.Tensor:
+                cache=None, last_only: bool = False,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [batch, seq, vocab_size] or, with `labels`, per-token fp32 losses [batch, seq]
         (labels of -100 give 0).
 
         `cache` (decoding, see `starcoder.generation.cache.KVCache`): gives each token's position
         (`cache.positions(seq)`) and, per block name, the object whose `update(k, v)` stores this
         call's keys and values and returns (keys, values, mask) to attend over. `last_only`: logits
-        of the last position only, all that decoding reads (a prefill skips the rest of the head)."""
-        if cache is None:
+        of the last position only, all that decoding reads (a prefill skips the rest of the head).
+
+        `document_ids` [batch, seq] (integer, nondecreasing along each row; packed sequences):
+        attention stops at document boundaries and positions restart at 0 in each document
+        (`document_positions`), so every document gets what it would alone."""
+        if document_ids is not None:
+            if cache is not None:
+                raise ValueError("GPT.forward: document_ids and a KV cache do not combine")
+            if document_ids.shape != input_ids.shape:
+                raise ValueError(f"GPT.forward: document_ids {tuple(document_ids.shape)} must have "
+                                 f"the shape of input_ids {tuple(input_ids.shape)}")
+            positions = document_positions(document_ids)
+            x = self.embedding(input_ids, positions)
+            rope = self._rope_at(positions)
+        elif cache is None:
             x = self.embedding(input_ids)
             rope = self._rope(input_ids.shape[1], x.device)
         else:
@@ -191,7 +207,7 @@ class GPT(nn.Module):
             x = self.embedding(input_ids, positions)
             rope = self._rope_at(positions)
         if cache is None:
-            x = run_blocks(self.blocks, x, rope, self.cfg, self.training)
+            x = run_blocks(self.blocks, x, rope, self.cfg, self.training, document_ids)
         else:
             for name, block in self.blocks.items():
                 x = block(x, rope, cache[name])
@@ -214,3 +230,13 @@ class GPT(nn.Module):
             return None
         cos, sin = self._rope(self.cfg.max_position_embeddings, positions.device)
         return cos[positions], sin[positions]
+
+
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's position within its document [batch, seq]: its index minus the index of the
+    first token of its document (a run of equal ids) in the row."""
+    seq = document_ids.shape[1]
+    index = torch.arange(seq, device=document_ids.device).expand_as(document_ids)
+    first = torch.ones_like(document_ids, dtype=torch.bool)
+    first[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return index - torch.where(first, index, 0).cummax(1).values

@@ -70,20 +70,24 @@ def block_modes(recompute: str, recompute_layers: int | None, count: int) -> lis
     return [recompute] * count
 
 
-def run_block(block: torch.nn.Module, x: torch.Tensor, rope, mode: str) -> torch.Tensor:
-    """`block(x, rope)` under recompute mode `mode` (training; no KV cache)."""
+def run_block(block: torch.nn.Module, x: torch.Tensor, rope, mode: str,
+              document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """`block(x, rope, None, document_ids)` under recompute mode `mode` (training; no KV cache)."""
     if mode == "full":
-        return checkpoint(block, x, rope, use_reentrant=False)
+        return checkpoint(block, x, rope, None, document_ids, use_reentrant=False)
     if mode == "selective":
-        return checkpoint(block, x, rope, use_reentrant=False, context_fn=_selective_contexts)
-    return block(x, rope)
+        return checkpoint(block, x, rope, None, document_ids, use_reentrant=False,
+                          context_fn=_selective_contexts)
+    return block(x, rope, None, document_ids)
 
 
-def run_blocks(blocks, x: torch.Tensor, rope, cfg, training: bool) -> torch.Tensor:
+def run_blocks(blocks, x: torch.Tensor, rope, cfg, training: bool,
+               document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Run a model chunk's blocks (`blocks`: the ModuleDict a model or pipeline stage owns) in
-    order; in training, each under its recompute mode from `cfg` (a ModelConfig)."""
+    order; in training, each under its recompute mode from `cfg` (a ModelConfig). `document_ids`:
+    packed documents (see `starcoder.models.attention`)."""
     modes = (block_modes(cfg.recompute, cfg.recompute_layers, len(blocks)) if training
              else ["none"] * len(blocks))
     for block, mode in zip(blocks.values(), modes):
-        x = run_block(block, x, rope, mode)
+        x = run_block(block, x, rope, mode, document_ids)
     return x

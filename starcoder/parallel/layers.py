@@ -141,12 +141,14 @@ class ParallelEmbedding(nn.Module):
         self.word, self.position, self.dropout, self.grid = word, position, dropout, grid
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """`positions` [batch, seq] for the whole sequence (decoding, packed documents)."""
         x = self.word(input_ids)  # [batch, seq / tp, hidden] under sequence parallel
-        if self.position is not None and positions is not None:  # decoding (no sequence parallel)
-            x = x + self.position(positions)
-        elif self.position is not None:
+        if self.position is not None:
             start = self.grid.tp_rank * x.shape[1] if self.grid.sequence_parallel else 0
-            x = x + self.position.weight[start: start + x.shape[1]]
+            if positions is None:
+                x = x + self.position.weight[start: start + x.shape[1]]
+            else:  # this rank's part of the sequence
+                x = x + self.position(positions[:, start: start + x.shape[1]])
         return self.dropout(x)
 
 

@@ -350,6 +350,11 @@ class Trainer:
         """The step's micro-batches as one batch the schedule splits again: input ids, and labels
         with masked-out positions set to -100 (their loss is then exactly 0, as the
         single-process loop's loss x mask)."""
+        if "document_ids" in micro_batches[0]:
+            raise ConfigError("data.document_mask: not available under pipeline parallelism yet "
+                              "(stages pass one tensor, the hidden states, between them: no room "
+                              "for document ids); set parallel.pipeline_parallel: 1 or "
+                              "data.document_mask: false")
         tokens = torch.cat([mb["tokens"] for mb in micro_batches]).to(self.device)
         mask = torch.cat([mb["loss_mask"] for mb in micro_batches]).to(self.device)
         labels = tokens[:, 1:].masked_fill(mask == 0, -100)

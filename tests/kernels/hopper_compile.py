@@ -33,21 +33,26 @@ def _specs():
         ("dkdv", "_attn_bwd_dkdv", fa.DKDV_CONFIGS, ["Q", "K", "V", "DO", "DK", "DV"]),
         ("dq", "_attn_bwd_dq", fa.DQ_CONFIGS, ["Q", "K", "V", "DO", "DQ"]),
     ]:
-        fp32_ptrs = {"LSE": "*fp32", "DELTA": "*fp32"}
-        # (head_dim, config, causal, windowed): every config at 128 with both masks, then the
-        # other head dims and mask kinds at the first config.
-        runs = [(128, c, True, True) for c in configs] + [
-            (32, configs[0], True, True), (64, configs[0], True, True),
-            (128, configs[0], True, False), (128, configs[0], False, False)]
-        runs = [(d, c, causal, windowed, "*bf16") for d, c, causal, windowed in runs]
-        runs.append((128, fa.FP32_CONFIGS[name], True, True, "*fp32"))
-        for head_dim, c, causal, windowed, dtype in runs:
+        fp32_ptrs = {"LSE": "*fp32", "DELTA": "*fp32", "DOC": "*i32"}
+        # (head_dim, config, causal, windowed, varlen): every config at 128 with both masks, then
+        # the other head dims and mask kinds at the first config, documents at the largest tile.
+        runs = [(128, c, True, True, False) for c in configs] + [
+            (32, configs[0], True, True, False), (64, configs[0], True, True, False),
+            (128, configs[0], True, False, False), (128, configs[0], False, False, False)]
+        runs.append((128, max(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]),
+                     True, False, True))
+        runs = [(d, c, causal, windowed, varlen, "*bf16")
+                for d, c, causal, windowed, varlen in runs]
+        runs.append((128, fa.FP32_CONFIGS[name], True, True, False, "*fp32"))
+        for head_dim, c, causal, windowed, varlen, dtype in runs:
             mask = "causal" if causal else "full"
             mask += "+window" if windowed else ""
+            mask += "+documents" if varlen else ""
             specs.append((f"attention {name} {dtype[1:]} d={head_dim} {mask} {c.kwargs} "
                           f"w={c.num_warps} s={c.num_stages}", "starcoder.kernels.flash_attention",
                           kernel, {**attn_ptrs(ptrs, dtype), **fp32_ptrs}, {"qk_scale", "scale"},
-                          dict(c.kwargs, HEAD_DIM=head_dim, CAUSAL=causal, WINDOWED=windowed),
+                          dict(c.kwargs, HEAD_DIM=head_dim, CAUSAL=causal, WINDOWED=windowed,
+                               VARLEN=varlen),
                           dict(num_warps=c.num_warps, num_stages=c.num_stages)))
     specs.append(("attention delta d=128", "starcoder.kernels.flash_attention", "_bwd_delta",
                   {"O": "*bf16", "DO": "*bf16", "DELTA": "*fp32"}, set(),

@@ -15,6 +15,7 @@ from starcoder.kernels import (
     layer_norm,
     linear_cross_entropy,
 )
+from starcoder.kernels.flash_attention import document_table
 from starcoder.models import GPT, init_weights
 from starcoder.models.attention import attention, attention_backend, resolve_backend
 from starcoder.models.ops import rotary_tables
@@ -35,7 +36,10 @@ def test_custom_ops_pass_opcheck():
     labels = torch.randint(0, 70, (6,), generator=g).to(DEVICE)
     cos, sin = rotary_tables(20, 32, 10000.0, DEVICE)
     cases = [
-        (torch.ops.starcoder.flash_attention_forward, (q, k, v, True, 7, 0.2)),
+        (torch.ops.starcoder.flash_attention_forward, (q, k, v, None, True, 7, 0.2)),
+        (torch.ops.starcoder.flash_attention_forward,
+         (q, k, v, document_table(torch.tensor([[0] * 5 + [1] * 9 + [2] * 6], device=DEVICE)),
+          True, None, 0.2)),
         (torch.ops.starcoder.layer_norm_forward, (x, w, b, r(3, 40), 1e-5)),
         (torch.ops.starcoder.layer_norm_forward, (x, w, b, None, 1e-5)),
         (torch.ops.starcoder.bias_gelu_forward, (x, b)),
@@ -60,11 +64,12 @@ def test_compiles_without_graph_breaks():
     head = r(50, 64).requires_grad_()
     labels = torch.randint(0, 50, (1, 18), generator=g).to(DEVICE)
     cos, sin = rotary_tables(18, 32, 10000.0, DEVICE)
+    documents = torch.tensor([[0] * 7 + [1] + [2] * 10], device=DEVICE)
 
     def step(q, kv, w, b, head):
         k, v = kv.unbind(3)
         q, k = apply_rope(q, k, cos, sin)
-        h = flash_attention(q, k, v, window=5).reshape(1, 18, 64)
+        h = flash_attention(q, k, v, window=5, document_ids=documents).reshape(1, 18, 64)
         h = layer_norm(bias_gelu(h, b), w, b, 1e-5)
         return (linear_cross_entropy(h, head, labels) + cross_entropy(h @ head.t(), labels)).sum()
 
