@@ -178,6 +178,6 @@ def bias_dropout_add(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor
                          f"{tuple(x.shape)}")
     if not 0.0 <= p < 1.0:
         raise ValueError(f"bias_dropout_add: p = {p} must be in [0, 1)")
-    if seed is None:
-        seed = draw_seed(x.device) if p > 0.0 else torch.zeros(1, dtype=torch.int64, device=x.device)
+    if seed is None:  # without dropout the kernel never reads it: draw nothing
+        seed = draw_seed(x.device) if p > 0.0 else x.new_zeros(1, dtype=torch.int64)
     return _forward_op(x, bias.contiguous(), residual, seed, float(p))
