@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from starcoder.models import GPT, init_weights
 from starcoder.models.ops import bias_dropout_add
@@ -130,6 +131,41 @@ def test_vocab_parallel_cross_entropy_triton_equals_torch(world, tp, vocab_size,
     tol = 1e-6 if dtype == torch.float32 else 1e-3  # fp16 gradients: one rounding apart
     for loss_err, grad_err, dtypes_ok in world.run(_cross_entropy_backends, tp, vocab_size, 64, dtype):
         assert loss_err < 1e-5 and grad_err < tol and dtypes_ok
+
+
+class _LogitSizedFloat32(TorchDispatchMode):
+    """Counts op outputs that are fp32 and as large as the logits."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        self.count += sum(isinstance(o, torch.Tensor) and o.dtype == torch.float32
+                          and o.numel() >= self.numel for o in outs)
+        return out
+
+
+def test_triton_vocab_parallel_loss_makes_no_fp32_copy_of_the_logits():
+    """fp16 logits of a padded shard: the PyTorch pieces upcast them (fp32 temporaries of the
+    shard's size, forward and backward); the shard kernels make none and write the gradient into
+    the logits' storage."""
+    gen = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 40, (2, 6), generator=gen)
+    counts = {}
+    for backend in ("torch", "triton"):
+        leaf = torch.randn(2, 6, 48, generator=gen).half().requires_grad_()
+        logits = leaf * 1  # the output layer's own logits
+        with _LogitSizedFloat32(logits[..., :40].numel()) as mode:
+            loss = vocab_parallel_cross_entropy(logits, labels, 0, 40, None, backend,
+                                                inplace_backward=True)
+            (grad,) = torch.autograd.grad(loss.sum(), logits)
+        counts[backend] = mode.count
+        assert (grad[..., 40:] == 0).all()
+    assert counts["torch"] > 0 and counts["triton"] == 0
+    assert grad.data_ptr() == logits.data_ptr()
 
 
 def _fused_dropout_streams(tp):
