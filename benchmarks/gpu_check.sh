@@ -5,7 +5,8 @@
 #   2 tests   tests/kernels compiled on the GPU, fp32/fp16/bf16 (fixed tiles, no autotuning)
 #   3 attention benchmark (bf16, head_dim 128, 8K and 16K) vs SDPA backends and FlexAttention
 #   4 train   starcoderbase-1b 10 steps in fp32 (TF32) and in bf16 weights: tokens/s, MFU
-#   5 kernels LayerNorm, bias-GeLU, RoPE, cross-entropy vs eager, torch.compile, Liger-Kernel
+#   5 kernels LayerNorm, bias-GeLU, bias-dropout-add, RoPE, cross-entropy vs eager, torch.compile,
+#             Liger-Kernel
 # Results go to $OUT (or ./gpu_out): summary.md (grows stage by stage), check.log (everything),
 # attention.md/.png, kernels.md/.png, memory.png -- at most 8 files, as the device tool returns.
 # Usage, from the repository root on a GPU machine:  bash benchmarks/gpu_check.sh
@@ -135,7 +136,7 @@ fi
 
 # --- 5 the other microbenchmarks -----------------------------------------------------------------
 note "" "## 5 kernel benchmarks -> kernels.md, kernels.png, memory.png"
-run_stage kernels 75 $PY benchmarks/kernels.py --only layer_norm,bias_gelu,rope,cross_entropy --out "$OUT"
+run_stage kernels 75 $PY benchmarks/kernels.py --only layer_norm,bias_gelu,bias_dropout_add,rope,cross_entropy --out "$OUT"
 [[ $? != 99 ]] && note "- ran ${STAGE_SECONDS}s"
 
 # --- recompute: peak memory of starcoderbase-1b per recompute mode vs `starcoder plan` ----------

@@ -1,11 +1,12 @@
 """Kernel microbenchmarks: the Triton kernels side by side with their peers, in one run.
 
     python benchmarks/kernels.py [--smoke] [--quick] [--out DIR]
-                                 [--only attention,layer_norm,bias_gelu,rope,cross_entropy]
+                                 [--only attention,layer_norm,bias_gelu,bias_dropout_add,rope,
+                                         cross_entropy]
 
 On a GPU (bf16): attention against every scaled_dot_product_attention backend (flash, cuDNN,
-efficient, math with an explicit mask), FlexAttention; LayerNorm, bias-GeLU, RoPE and
-cross-entropy against PyTorch eager, torch.compile and Liger-Kernel. Whatever is not installed or
+efficient, math with an explicit mask), FlexAttention; LayerNorm, bias-GeLU, bias-dropout-add,
+RoPE and cross-entropy against PyTorch eager, torch.compile and Liger-Kernel. Whatever is not installed or
 does not support a case is listed with the reason instead of a number. Throughput is TFLOP/s
 (attention, counting only the work a causal / windowed mask leaves: half for causal) or GB/s
 (the others, each input read once and each output written once), and a fraction of the peak
@@ -330,6 +331,17 @@ def pointwise_cases(smoke: bool, dtype):
     cases.append(("bias_gelu", f"{tokens}x{ffn}", (x, b), impls,
                   2 * tokens * ffn * e, 3 * tokens * ffn * e))
 
+    # bias + dropout (p 0.1) + residual add, as after out_proj / fc_out in training
+    x, b, r = rnd(tokens, hidden), rnd(hidden), rnd(tokens, hidden)
+    seed = K.draw_seed(DEVICE)
+    ref = lambda x, b, r: r + F.dropout(x + b, 0.1, training=True)  # noqa: E731
+    impls = {"triton (ours)": lambda x, b, r: K.bias_dropout_add(x, b, r, 0.1, seed),
+             "torch eager": ref, "torch.compile": _compiled(ref, smoke),
+             "liger": "no bias-dropout-add kernel"}
+    # fwd: read x and the residual, write the sum; bwd: read dy, write dx (d residual is dy).
+    cases.append(("bias_dropout_add", f"{tokens}x{hidden} p=0.1", (x, b, r), impls,
+                  3 * tokens * hidden * e, 2 * tokens * hidden * e))
+
     # RoPE (StarCoder2-like heads)
     seq, hq, hk, d = (16, 4, 2, 32) if smoke else (8192, 32, 4, 128)
     batch = max(1, tokens // seq)
@@ -486,7 +498,7 @@ def _loss_step(make_loss, smoke, inputs=None):
 # ------------------------------------------------------------------------------------------------
 
 
-SECTIONS = ("attention", "layer_norm", "bias_gelu", "rope", "cross_entropy")
+SECTIONS = ("attention", "layer_norm", "bias_gelu", "bias_dropout_add", "rope", "cross_entropy")
 
 
 def main(argv=None) -> int:
@@ -520,7 +532,7 @@ def main(argv=None) -> int:
                         f"{torch.cuda.get_device_name() if CUDA else 'CPU (smoke)'}\n\nMeasured copy "
                         f"bandwidth {peaks['copy_gbs']:.0f} GB/s (read + write).\n")
         groups: dict = {}
-        if rest & {"layer_norm", "bias_gelu", "rope"}:
+        if rest & {"layer_norm", "bias_gelu", "bias_dropout_add", "rope"}:
             bench_pointwise(report, smoke, peaks, dtype, groups, rest)
         if "cross_entropy" in rest:
             bench_cross_entropy(report, smoke, peaks, dtype, groups)

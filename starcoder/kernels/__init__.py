@@ -15,6 +15,9 @@ Model-facing entry points (what `starcoder.models.ops` / `attention` call with `
     layer_norm(x, weight, bias, eps, residual=None)
         -> y, or (y, x + residual) with the residual add fused.
     bias_gelu(x, bias)                      gelu_tanh(x + bias)
+    bias_dropout_add(x, bias, residual, p=0.0, seed=None)
+        residual + dropout(x + bias, p); the mask is Philox randomness of `seed` (int64 [1] from
+        torch's generator on x's device, `draw_seed`), regenerated in backward, never stored.
     apply_rope(q, k, cos, sin)              rotate-half RoPE; cos/sin [>= s, d] fp32
     cross_entropy(logits, labels, inplace_backward=False)
         per-token fp32 loss, label -100 -> 0
@@ -43,6 +46,11 @@ Both are custom ops without autograd (wrap them in the tensor-parallel autograd 
 tp = 1 and vocab_start = 0 the recipe reduces to `cross_entropy` (which is built from them).
 """
 
+from starcoder.kernels.bias_dropout_add import (
+    bias_dropout_add,
+    bias_dropout_add_reference,
+    draw_seed,
+)
 from starcoder.kernels.bias_gelu import bias_gelu, bias_gelu_reference
 from starcoder.kernels.cross_entropy import (
     cross_entropy,
@@ -59,12 +67,15 @@ from starcoder.kernels.rope import apply_rope, rope_reference
 __all__ = [
     "apply_rope",
     "attention_reference",
+    "bias_dropout_add",
+    "bias_dropout_add_reference",
     "bias_gelu",
     "bias_gelu_reference",
     "cross_entropy",
     "cross_entropy_reference",
     "cross_entropy_shard_backward",
     "cross_entropy_shard_stats",
+    "draw_seed",
     "flash_attention",
     "layer_norm",
     "layer_norm_reference",

@@ -160,13 +160,15 @@ def cross_entropy_shard_backward(logits: torch.Tensor, labels: torch.Tensor, lse
 
     lse: the global log-sum-exp per row (fp32 [rows]); grad: d total / d per-token loss [rows].
     Rows labelled -100 get 0. `inplace` writes into `logits` (which must then not be needed
-    again) and returns it: no second [rows, shard_vocab] buffer.
+    again; any row stride, e.g. the real columns of a padded shard) and returns it: no second
+    [rows, shard_vocab] buffer.
     """
     logits2, labels1 = _rows(logits, labels, "cross_entropy_shard_backward")
     lse, grad = lse.reshape(-1).float().contiguous(), grad.reshape(-1).float().contiguous()
     if inplace:
-        if logits2.data_ptr() != logits.data_ptr() or not logits.is_contiguous():
-            raise ValueError("cross_entropy_shard_backward: inplace needs contiguous logits")
+        if logits2.data_ptr() != logits.data_ptr():  # rows_view copied: writing there is lost
+            raise ValueError("cross_entropy_shard_backward: inplace needs logits whose rows are a "
+                             "view (unit stride along the vocabulary)")
         _backward_inplace_op(logits2, labels1, lse, grad, int(vocab_start))
         return logits
     return _backward_op(logits2, labels1, lse, grad, int(vocab_start)).view(logits.shape)

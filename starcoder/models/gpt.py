@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from starcoder.config import ModelConfig
 from starcoder.models import ops
-from starcoder.models.attention import attention, masked_attention, resolve_backend
+from starcoder.models.attention import attention, masked_attention, resolve_backend, uses_triton
 from starcoder.models.self_check import Shapes, run_self_checks
 from starcoder.models.recompute import run_blocks
 
@@ -40,8 +40,9 @@ class LayerNorm(nn.Module):
         self.eps = eps
         self.backend = "torch"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.layer_norm(x, self.weight, self.bias, self.eps, self.backend)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """LayerNorm(x), or with `residual` (LayerNorm(x + residual), x + residual)."""
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, self.backend, residual)
 
 
 class Embedding(nn.Module):
@@ -84,7 +85,7 @@ class Attention(nn.Module):
         self.backend = "torch"
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache=None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                cache=None, document_ids: torch.Tensor | None = None, return_bias: bool = False):
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, -1, self.head_dim)
         k, v = self.kv_proj(x).view(b, s, -1, 2, self.head_dim).unbind(3)
@@ -97,7 +98,7 @@ class Attention(nn.Module):
             out = attention(q, k, v, causal=True, window=self.window,
                             dropout_p=self.dropout_p if self.training else 0.0, backend=self.backend,
                             document_ids=document_ids)
-        return self.out_proj(out.reshape(b, s, -1))
+        return self.out_proj(out.reshape(b, s, -1), return_bias=return_bias)
 
 
 class MLP(nn.Module):
@@ -108,9 +109,10 @@ class MLP(nn.Module):
         self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
         self.backend = "torch"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_bias: bool = False):
         h, bias = self.fc_in(x, return_bias=True)
-        return self.fc_out(ops.bias_gelu(h, bias, self.approximate, self.backend))
+        return self.fc_out(ops.bias_gelu(h, bias, self.approximate, self.backend),
+                           return_bias=return_bias)
 
 
 class Block(nn.Module):
@@ -121,10 +123,22 @@ class Block(nn.Module):
         self.mlp_norm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon)
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.backend = "torch"
 
     def forward(self, x: torch.Tensor, rope=None, cache=None, document_ids=None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, document_ids))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        """x + dropout(attn(ln(x))), then the same with the MLP. On the Triton path every residual
+        add is fused: without dropout, out_proj adds its bias in the GEMM and the MLP's LayerNorm
+        adds the residual (one pass for add and norm); with dropout, and after the MLP, one kernel
+        adds the bias, drops out and adds the residual (`ops.bias_dropout_add`)."""
+        h = self.attn_norm(x)
+        if uses_triton(self.backend, x, "layer_norm") and not (self.training and self.dropout.p > 0.0):
+            y, x = self.mlp_norm(self.attn(h, rope, cache, document_ids), residual=x)
+        else:
+            out, bias = self.attn(h, rope, cache, document_ids, return_bias=True)
+            x = ops.bias_dropout_add(out, bias, x, self.dropout, self.backend)
+            y = self.mlp_norm(x)
+        out, bias = self.mlp(y, return_bias=True)
+        return ops.bias_dropout_add(out, bias, x, self.dropout, self.backend)
 
 
 class OutputLayer(nn.Module):

@@ -7,19 +7,30 @@ kernels in `starcoder.kernels` (imported lazily, so CPU-only installs never touc
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from starcoder.models.attention import uses_triton
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-               backend: str = "torch") -> torch.Tensor:
+               backend: str = "torch", residual: torch.Tensor | None = None):
+    """LayerNorm(x), or with `residual` (LayerNorm(x + residual), x + residual): Triton fuses the
+    add into the norm's pass."""
     if uses_triton(backend, x, "layer_norm"):
         from starcoder.kernels import layer_norm as triton_layer_norm
 
-        return triton_layer_norm(x, weight, bias, eps)
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        if residual is not None and residual.dtype != x.dtype:  # the kernel adds like dtypes
+            dtype = torch.promote_types(x.dtype, residual.dtype)
+            x, residual = x.to(dtype), residual.to(dtype)
+        return triton_layer_norm(x, weight, bias, eps, residual)
+    if residual is None:
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    h = x + residual
+    return F.layer_norm(h, (h.shape[-1],), weight, bias, eps), h
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str,
@@ -32,6 +43,25 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str,
     if bias is not None:
         x = x + bias
     return F.gelu(x, approximate=approximate)
+
+
+def bias_dropout_add(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
+                     dropout: nn.Dropout, backend: str = "torch") -> torch.Tensor:
+    """residual + dropout(x + bias) with the caller's dropout module: its `p` and training mode
+    decide, and its RNG stream (`dropout.rng_fork(device)`, which tensor parallelism's
+    `TPDropout` has; a plain nn.Dropout uses the default generators). Triton: one kernel, whose
+    mask seed is drawn from the device generator inside that stream."""
+    if uses_triton(backend, x, "bias_dropout_add") and bias is not None:
+        from starcoder.kernels import bias_dropout_add as triton_bias_dropout_add
+        from starcoder.kernels import draw_seed
+
+        p = dropout.p if dropout.training else 0.0
+        seed = None
+        if p > 0.0:
+            with getattr(dropout, "rng_fork", contextlib.nullcontext)(x.device):
+                seed = draw_seed(x.device)
+        return triton_bias_dropout_add(x, bias, residual, p, seed)
+    return residual + dropout(x if bias is None else x + bias)
 
 
 def rotary_tables(seq_len: int, head_dim: int, theta: float,

@@ -88,6 +88,12 @@ def _bias_gelu(s: Shapes, r, g) -> list[tuple]:
     return [(r(SEQ, s.hidden), r(s.hidden))]
 
 
+def _bias_dropout_add(s: Shapes, r, g) -> list[tuple]:
+    # p = 0: the mask is the kernel's own draw, which the reference cannot repeat; the dropout
+    # arithmetic is pinned by tests/kernels/test_bias_dropout_add.py.
+    return [(r(SEQ, s.hidden), r(s.hidden), r(SEQ, s.hidden), 0.0)]
+
+
 def _rope(s: Shapes, r, g) -> list[tuple]:
     angles = torch.rand(SEQ, s.head_dim, generator=g) * (2 * math.pi)
     return [(r(1, SEQ, 4, s.head_dim), r(1, SEQ, 2, s.head_dim), angles.cos(), angles.sin())]
@@ -119,6 +125,8 @@ CHECKS: dict[str, Check] = {  # keyed by the name the op passes to `uses_triton`
     "flash_attention": Check("flash_attention", "attention_reference", _attention, dots=True),
     "layer_norm": Check("layer_norm", "layer_norm_reference", _layer_norm, dots=False),
     "bias_gelu": Check("bias_gelu", "bias_gelu_reference", _bias_gelu, dots=False),
+    "bias_dropout_add": Check("bias_dropout_add", "bias_dropout_add_reference", _bias_dropout_add,
+                              dots=False),
     "rope": Check("apply_rope", "rope_reference", _rope, dots=False),
     "cross_entropy": Check("cross_entropy", "cross_entropy_reference", _cross_entropy, dots=False),
     "linear_cross_entropy": Check("linear_cross_entropy", "linear_cross_entropy_reference",

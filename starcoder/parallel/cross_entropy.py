@@ -7,14 +7,20 @@ S = sum_r s_r * exp(m_r - M) and the target, so lse = M + log S and loss = lse -
 backward needs only lse: d loss / dz = softmax(z) - onehot = exp(z - lse) - onehot.
 
 Rows at or above `vocab_size` are padding and are left out, so the loss does not depend on the
-padded size (and hence on the tensor-parallel size). All arithmetic is fp32. The per-shard pieces
-(`shard_statistics`, `shard_grad`) are what a fused kernel replaces; the all-reduces stay here.
+padded size (and hence on the tensor-parallel size). All arithmetic is fp32.
+
+One autograd Function owns the all-reduces; the per-shard pieces come from one of two backends:
+the PyTorch ones here (`shard_statistics`, `shard_grad`, fp32 temporaries of the shard's size) or,
+when the model's kernels are Triton, `starcoder.kernels`' shard kernels, which read the logits in
+their own dtype and can write the gradient into the logits' storage (no [tokens, V/tp] buffer).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from starcoder.models.attention import uses_triton
 
 IGNORE_INDEX = -100
 
@@ -51,11 +57,32 @@ def _local_labels(labels: torch.Tensor, start: int, real: int):
     return torch.where(here, labels - start, 0), here
 
 
+def _triton_statistics(logits, labels, start, real):
+    from starcoder.kernels import cross_entropy_shard_stats
+
+    stats = cross_entropy_shard_stats(logits[..., :real], labels, start)
+    return tuple(t.view(labels.shape) for t in stats)
+
+
+def _triton_grad(logits, labels, lse, grad, start, real, inplace):
+    from starcoder.kernels import cross_entropy_shard_backward
+
+    if not inplace:
+        out = torch.zeros_like(logits)
+        out[..., :real] = cross_entropy_shard_backward(logits[..., :real], labels, lse, grad, start)
+        return out
+    cross_entropy_shard_backward(logits[..., :real], labels, lse, grad, start, inplace=True)
+    logits[..., real:] = 0.0  # padding columns
+    return logits
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, start, vocab_size, group):
+    def forward(ctx, logits, labels, start, vocab_size, group, triton, inplace_backward):
         real = max(0, min(logits.shape[-1], vocab_size - start))
-        row_max, sum_exp, target = shard_statistics(logits, labels, start, real)
+        triton = triton and real > 0  # a shard of padding only needs no kernel
+        statistics = _triton_statistics if triton else shard_statistics
+        row_max, sum_exp, target = statistics(logits, labels, start, real)
         global_max = row_max.clone()
         if group is not None:
             dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
@@ -66,17 +93,27 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         lse = global_max + torch.log(sums[0])
         loss = torch.where(labels == IGNORE_INDEX, 0.0, lse - sums[1])
         ctx.save_for_backward(logits, labels, lse)
-        ctx.start, ctx.real = start, real
+        ctx.start, ctx.real, ctx.triton, ctx.inplace = start, real, triton, inplace_backward
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         logits, labels, lse = ctx.saved_tensors
-        return shard_grad(logits, labels, lse, grad, ctx.start, ctx.real), None, None, None, None
+        if ctx.triton:
+            grad_logits = _triton_grad(logits, labels, lse, grad, ctx.start, ctx.real, ctx.inplace)
+        else:
+            grad_logits = shard_grad(logits, labels, lse, grad, ctx.start, ctx.real)
+        return grad_logits, None, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, start: int,
-                                 vocab_size: int, group=None) -> torch.Tensor:
+                                 vocab_size: int, group=None, backend: str = "torch",
+                                 inplace_backward: bool = False) -> torch.Tensor:
     """Per-token fp32 loss [batch, seq] from this rank's logits [batch, seq, n] of vocabulary rows
-    [start, start + n); labels are global ids (-100: ignored, loss 0). Collective over `group`."""
-    return _VocabParallelCrossEntropy.apply(logits, labels, start, vocab_size, group)
+    [start, start + n); labels are global ids (-100: ignored, loss 0). Collective over `group`.
+
+    `backend` as the model's kernels (`uses_triton` picks the shard kernels). `inplace_backward`
+    (Triton): the gradient is written into the logits' storage, for a caller that owns the logits
+    and never reads them after the loss (autograd's version check catches one that does)."""
+    return _VocabParallelCrossEntropy.apply(logits, labels, start, vocab_size, group,
+                                            uses_triton(backend, logits), inplace_backward)

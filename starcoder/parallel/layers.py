@@ -156,25 +156,31 @@ class VocabParallelOutputLayer(nn.Module):
     """Replaces `gpt.OutputLayer` with the same `forward(h, weight, labels=None)`; `weight` is this
     rank's vocabulary rows (the embedding's shard when tied). Without labels: logits over the real
     vocabulary, gathered. With labels: per-token fp32 losses from the vocabulary-parallel
-    cross-entropy; full logits never exist."""
+    cross-entropy; full logits never exist. `backend` is the model's kernels (`GPT.set_kernels`):
+    Triton computes the loss with the shard kernels and writes the gradient into the logits."""
 
-    def __init__(self, weight: nn.Parameter | None, vocab_size: int, grid: Grid):
+    def __init__(self, weight: nn.Parameter | None, vocab_size: int, grid: Grid,
+                 backend: str = "torch"):
         super().__init__()
-        self.weight, self.vocab_size, self.grid = weight, vocab_size, grid
+        self.weight, self.vocab_size, self.grid, self.backend = weight, vocab_size, grid, backend
 
     @classmethod
     def from_dense(cls, dense: nn.Module, grid: Grid) -> "VocabParallelOutputLayer":
         weight = dense.weight
         if weight is not None:
             weight = shard_parameter(weight, (_equal_share(weight.shape[0], grid), slice(None)))
-        return cls(weight, dense.vocab_size, grid)
+        return cls(weight, dense.vocab_size, grid, dense.backend)
 
     def forward(self, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None = None):
         logits = F.linear(input_to_tp(h, self.grid), weight)
         start = self.grid.tp_rank * weight.shape[0]
         if labels is None:
             return gather_from_tp(logits, self.grid.group("tp"))[..., : self.vocab_size]
-        return vocab_parallel_cross_entropy(logits, labels, start, self.vocab_size, self.grid.group("tp"))
+        # The logits are this layer's own and F.linear does not save them: the backward may
+        # overwrite them with their gradient.
+        return vocab_parallel_cross_entropy(logits, labels, start, self.vocab_size,
+                                            self.grid.group("tp"), self.backend,
+                                            inplace_backward=True)
 
 
 def _equal_share(size: int, grid: Grid) -> slice:

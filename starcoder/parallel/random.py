@@ -64,10 +64,15 @@ class TPDropout(nn.Dropout):
         super().__init__(p)
         self.tp_rank = tp_rank
 
+    def rng_fork(self, device: torch.device):
+        """The RNG stream this module drops out with; fused dropout kernels draw their seeds in it
+        (`starcoder.models.ops.bias_dropout_add`)."""
+        return tp_rng_fork(self.tp_rank, device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        with tp_rng_fork(self.tp_rank, x.device):
+        with self.rng_fork(x.device):
             return super().forward(x)
 
 

@@ -25,6 +25,7 @@ def _specs():
     # Modules, not the same-named functions `starcoder.kernels` exports.
     fa = importlib.import_module("starcoder.kernels.flash_attention")
     bias_gelu = importlib.import_module("starcoder.kernels.bias_gelu")
+    bias_dropout_add = importlib.import_module("starcoder.kernels.bias_dropout_add")
 
     attn_ptrs = lambda names, dt: {n: dt for n in names}  # noqa: E731
     specs = []
@@ -75,6 +76,18 @@ def _specs():
     warps = bwd.pop("num_warps")
     specs.append((f"bias_gelu bwd {bwd} w={warps}", "starcoder.kernels.bias_gelu", "_bias_gelu_bwd",
                   gelu_ptrs, set(), bwd, dict(num_warps=warps)))
+    bda_ptrs = {"X": "*bf16", "BIAS": "*bf16", "R": "*bf16", "Y": "*bf16", "SEED": "*i64",
+                "DY": "*bf16", "DX": "*bf16", "DB_PART": "*fp32"}
+    # Its tiles are bias-GeLU's, which are all compiled above: the first one and the backward.
+    for c in bias_dropout_add.CONFIGS[:1]:
+        specs.append((f"bias_dropout_add fwd {c.kwargs} w={c.num_warps}",
+                      "starcoder.kernels.bias_dropout_add", "_bda_fwd", bda_ptrs, {"p", "scale"},
+                      dict(c.kwargs, DROPOUT=True), dict(num_warps=c.num_warps)))
+    bwd = dict(bias_dropout_add.BACKWARD_CONFIG)
+    warps = bwd.pop("num_warps")
+    specs.append((f"bias_dropout_add bwd {bwd} w={warps}", "starcoder.kernels.bias_dropout_add",
+                  "_bda_bwd", bda_ptrs, {"p", "scale"}, dict(bwd, DROPOUT=True),
+                  dict(num_warps=warps)))
     rope_ptrs = {"Q": "*bf16", "K": "*bf16", "QO": "*bf16", "KO": "*bf16", "COS": "*fp32",
                  "SIN": "*fp32"}
     for backward in (False, True):  # StarCoder2-15B: 48 query heads, 4 KV heads, head_dim 128

@@ -1,6 +1,7 @@
 """The pieces under the parallel model, in one 4-rank gloo world: autograd collectives, the
-vocabulary-parallel cross-entropy, the TP dropout streams, meta-device sharding and DCP round trips
-of the shard description."""
+vocabulary-parallel cross-entropy (PyTorch and Triton shard pieces), the TP dropout streams (the
+module's and the fused kernel's), meta-device sharding and DCP round trips of the shard
+description."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from starcoder.models import GPT, init_weights
+from starcoder.models.ops import bias_dropout_add
 from starcoder.parallel import materialize, parallelize, to_dtensor
 from starcoder.parallel.collectives import (copy_to_tp, gather_from_sp, gather_from_tp, reduce_from_tp,
                                             reduce_scatter_to_sp, scatter_to_tp)
@@ -96,6 +99,95 @@ def test_vocab_parallel_cross_entropy_ignores_padding(world, tp, vocab_size):
     for loss_err, dtype, grad_err in world.run(_cross_entropy, tp, vocab_size, 64):
         assert dtype == torch.float32
         assert loss_err < 1e-5 and grad_err < 1e-6
+
+
+def _cross_entropy_backends(tp, vocab_size, padded, dtype):
+    """The Triton shard kernels (interpreted on CPU, in-place backward) against the PyTorch shard
+    pieces inside the one vocabulary-parallel cross-entropy."""
+    gen = torch.Generator().manual_seed(vocab_size + 1)
+    logits = (torch.randn(2, 6, padded, generator=gen) * 3).to(dtype)
+    labels = torch.randint(0, vocab_size, (2, 6), generator=gen)
+    labels[0, 0], labels[1, 3] = -100, vocab_size - 1
+    upstream = torch.rand(2, 6, generator=gen)
+    group = grid(tp).group("tp")
+    r, n = dist.get_rank(group), padded // tp
+    got = {}
+    for backend in ("torch", "triton"):
+        local = logits[..., r * n:(r + 1) * n].clone().requires_grad_()
+        work = local * 1  # the layer's own logits, which the in-place backward overwrites
+        loss = vocab_parallel_cross_entropy(work, labels, r * n, vocab_size, group, backend,
+                                            inplace_backward=True)
+        loss.backward(upstream)
+        got[backend] = (loss, local.grad)
+    (loss_t, grad_t), (loss_k, grad_k) = got["torch"], got["triton"]
+    return ((loss_k - loss_t).abs().max().item(), (grad_k.float() - grad_t.float()).abs().max().item(),
+            grad_k.dtype == dtype and loss_k.dtype == torch.float32)
+
+
+# TP 2 with the last shard partly padding; TP 4 with shards of padding only.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("tp,vocab_size", [(2, 50), (4, 20)])
+def test_vocab_parallel_cross_entropy_triton_equals_torch(world, tp, vocab_size, dtype):
+    tol = 1e-6 if dtype == torch.float32 else 1e-3  # fp16 gradients: one rounding apart
+    for loss_err, grad_err, dtypes_ok in world.run(_cross_entropy_backends, tp, vocab_size, 64, dtype):
+        assert loss_err < 1e-5 and grad_err < tol and dtypes_ok
+
+
+class _LogitSizedFloat32(TorchDispatchMode):
+    """Counts op outputs that are fp32 and as large as the logits."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        self.count += sum(isinstance(o, torch.Tensor) and o.dtype == torch.float32
+                          and o.numel() >= self.numel for o in outs)
+        return out
+
+
+def test_triton_vocab_parallel_loss_makes_no_fp32_copy_of_the_logits():
+    """fp16 logits of a padded shard: the PyTorch pieces upcast them (fp32 temporaries of the
+    shard's size, forward and backward); the shard kernels make none and write the gradient into
+    the logits' storage."""
+    gen = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 40, (2, 6), generator=gen)
+    counts = {}
+    for backend in ("torch", "triton"):
+        leaf = torch.randn(2, 6, 48, generator=gen).half().requires_grad_()
+        logits = leaf * 1  # the output layer's own logits
+        with _LogitSizedFloat32(logits[..., :40].numel()) as mode:
+            loss = vocab_parallel_cross_entropy(logits, labels, 0, 40, None, backend,
+                                                inplace_backward=True)
+            (grad,) = torch.autograd.grad(loss.sum(), logits)
+        counts[backend] = mode.count
+        assert (grad[..., 40:] == 0).all()
+    assert counts["torch"] > 0 and counts["triton"] == 0
+    assert grad.data_ptr() == logits.data_ptr()
+
+
+def _fused_dropout_streams(tp):
+    """Masks of the fused bias-dropout-add kernel under a sequence-parallel TPDropout and under a
+    plain nn.Dropout (replicated activations)."""
+    g = grid(tp, sequence_parallel=True)
+    ones = torch.ones(16, 32)
+    masks = []
+    for module in (TPDropout(0.5, g.tp_rank), torch.nn.Dropout(0.5)):
+        torch.manual_seed(0)  # a trainer seeds every rank alike
+        out = bias_dropout_add(ones, torch.zeros(32), torch.zeros_like(ones), module, "triton")
+        masks.append(out != 0)
+    return g.tp_rank, masks[0], masks[1]
+
+
+def test_fused_dropout_follows_the_tp_rng_streams(world):
+    got = world.run(_fused_dropout_streams, 2)
+    for tp_rank, tp_mask, plain_mask in got:
+        twin = next(o for o in got if o[0] == tp_rank)
+        assert torch.equal(tp_mask, twin[1])  # the same TP rank in the other replica
+        assert torch.equal(plain_mask, got[0][2])  # replicated: one mask on every rank
+    assert not torch.equal(got[0][1], next(o for o in got if o[0] != got[0][0])[1])
 
 
 def _rng_streams(tp):
