@@ -76,7 +76,9 @@ def _attention(s: Shapes, r, g) -> list[tuple]:
     kv = min(s.group, 4)  # the group split of the dK/dV kernel runs at any group size > 1
     q, k, v = r(1, SEQ, 2 * kv, s.head_dim), r(1, SEQ, 2, s.head_dim), r(1, SEQ, 2, s.head_dim)
     window = min(s.window or 24, SEQ // 2)
-    return [(q, k, v, True, None), (q, k, v, True, window)]
+    # packed documents: one of length 1, one crossing a tile
+    documents = torch.tensor([[0] * 30 + [1] + [2] * (SEQ - 31)])
+    return [(q, k, v, True, None), (q, k, v, True, window), (q, k, v, True, window, None, documents)]
 
 
 def _layer_norm(s: Shapes, r, g) -> list[tuple]:
