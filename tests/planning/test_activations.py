@@ -1,5 +1,6 @@
 """The planner's activation bytes equal what one block saves for backward (saved-tensor hooks),
-for tiny-sc1 and tiny-sc2, every recompute mode, fp32 and bf16, TP 1 and TP 2 with SP on and off."""
+for tiny-sc1 and tiny-sc2, every recompute mode, fp32 and bf16, TP 1 and TP 2 with SP on and off;
+with SP the linears' inputs are saved as 1/TP of the sequence."""
 
 import pytest
 import torch
@@ -89,3 +90,42 @@ def test_planner_equals_measured_bytes_tp2(world):
     for rank_results in world.run(_tp2_cases):
         for name, mode, dtype, sp, measured, predicted in rank_results:
             assert abs(predicted / measured - 1) < 0.05, (name, mode, dtype, sp, measured, predicted)
+
+
+def _linear_inputs(name):
+    """Per SP setting at TP 2 (fp32): bytes saved of the q/kv and fc_in inputs (the outputs of
+    attn_norm and mlp_norm), how many norm outputs there were, and the shapes of every saved
+    tensor of b x s x h elements with h last (F.linear saves a 3-D input as a 2-D view)."""
+    out = {}
+    for sp in (False, True):
+        cfg = load_config(name, ["parallel.tensor_parallel=2", f"parallel.sequence_parallel={str(sp).lower()}"])
+        grid = init_grid(ParallelConfig(tensor_parallel=2, sequence_parallel=sp))
+        torch.manual_seed(0)
+        model = parallelize(GPT(cfg.model, padded_vocab_size=cfg.model.padded_vocab_size(2)), grid).train()
+        block, seq, h = model.blocks["0"], cfg.train.seq_length, cfg.model.hidden_size
+        x = torch.randn(MICRO_BATCH, seq // 2 if sp else seq, h, requires_grad=True)
+        norm_outputs = {}
+        for norm in (block.attn_norm, block.mlp_norm):
+            norm.register_forward_hook(lambda m, a, y: norm_outputs.setdefault(y.untyped_storage().data_ptr(), y))
+        saved, weights = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in weights:
+                saved[t.untyped_storage().data_ptr()] = t
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = block(x, model._rope(seq, x.device))
+        y.sum().backward()
+        out[sp] = (sum(t.untyped_storage().nbytes() for p, t in saved.items() if p in norm_outputs),
+                   len(norm_outputs),
+                   [tuple(t.shape) for t in saved.values()
+                    if t.shape[-1] == h and t.numel() == MICRO_BATCH * seq * h])
+    return out
+
+
+@pytest.mark.parametrize("name", ["tiny-sc1", "tiny-sc2"])
+def test_sequence_parallel_saves_the_linear_inputs_as_one_tp_th_of_the_sequence(world, name):
+    b, s, h, e, tp = MICRO_BATCH, 256, 256, 4, 2
+    for got in world.run(_linear_inputs, name):
+        assert got[False][:2] == (2 * b * s * h * e, 2)  # the whole inputs
+        assert got[True] == (2 * b * s // tp * h * e, 2, [])  # shards; no gathered input saved
