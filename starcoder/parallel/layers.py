@@ -13,15 +13,17 @@ reduce-scatter the sequence themselves; otherwise [batch, seq, hidden] replicate
 Sequence-parallel column-parallel linears save their local [batch, seq / tp, hidden] input shard,
 not the gathered input, and gather it again in backward for the weight gradient (Megatron's
 `LinearWithGradAccumulationAndAsyncCommunication`). Linears reading one gathered input (q_proj and
-kv_proj) share its forward gather, its one backward gather and the reduce-scatter of their summed
-input gradients. The input gradient and the weight gradient are separate autograd nodes, joined by
-a node that only hands the output gradient to both (`_linear_saving_shard`): the zero-bubble
-schedules' weight pass (`torch.distributed.pipelining._backward.stage_backward_weight`) re-runs the
-node where a weight's path leaves the input path, which is then that trivial node, so neither the
-input gradient nor the gather runs twice.
+kv_proj) share its forward gather, its one backward gather (`SharedGather`) and the reduce-scatter
+of their summed input gradients. The input gradient and the weight gradient are separate autograd
+nodes, joined by a node that only hands the output gradient to both (`_linear_saving_shard`): the
+zero-bubble schedules' weight pass (`torch.distributed.pipelining._backward.stage_backward_weight`)
+re-runs the node where a weight's path leaves the input path, which is then that trivial node, so
+neither the input gradient nor the gather runs twice.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -62,24 +64,24 @@ def input_to_tp(x: torch.Tensor, grid: Grid) -> torch.Tensor:
         x = x.to(torch.get_autocast_dtype(device))
     if grid.sequence_parallel:
         full = gather_from_sp(x, grid.group("tp"))
-        full.sequence_shard = SequenceShard(x, grid.group("tp"))
+        full.sequence_shard = SequenceShard(x, SharedGather(grid.group("tp")))
         return full
     return copy_to_tp(x, grid.group("tp"))
 
 
-class SequenceShard:
-    """The local shard of a sequence-parallel gathered input: saved for backward by the linears
-    that read the input, and all-gathered once in backward for all of them (`gather`)."""
+class SharedGather:
+    """The backward all-gather of one saved input shard, shared by the linears that read the
+    gathered input: the first reader in a backward gathers, the last drops the result (a later
+    backward gathers again). Holds no tensor between backwards, so recomputation and saved-tensor
+    hooks still decide what the shard costs."""
 
-    def __init__(self, tensor: torch.Tensor, group):
-        self.tensor, self.group = tensor, group
-        self.readers = 0  # weight-gradient nodes saving this shard
+    def __init__(self, group):
+        self.group = group
+        self.readers = 0  # weight-gradient nodes saving the shard
         self._served = 0
         self._full: torch.Tensor | None = None
 
-    def gather(self, shard: torch.Tensor) -> torch.Tensor:
-        """The gathered input, from the unpacked saved `shard`; gathered by the first reader in a
-        backward and dropped after the last (a later backward gathers again)."""
+    def __call__(self, shard: torch.Tensor) -> torch.Tensor:
         if self._full is None:
             self._full = all_gather(shard, SEQ_DIM, self.group)
         full = self._full
@@ -87,6 +89,13 @@ class SequenceShard:
         if self._served % self.readers == 0:
             self._full = None
         return full
+
+
+class SequenceShard(NamedTuple):
+    """What a sequence-parallel gathered input carries (`sequence_shard`): its local shard, which
+    the linears reading it save instead, and their shared backward gather."""
+    tensor: torch.Tensor
+    gather: SharedGather
 
 
 class _InputGrad(torch.autograd.Function):
@@ -107,20 +116,20 @@ class _InputGrad(torch.autograd.Function):
 
 class _WeightGrad(torch.autograd.Function):
     """Stands for W and b in the graph: saves the input shard and returns a zero-stride
-    placeholder shaped like y; backward gathers the shard (`SequenceShard.gather`) and returns
+    placeholder shaped like y; backward gathers the shard (`SharedGather`) and returns
     dW = dy^T x and db = sum dy."""
 
     @staticmethod
-    def forward(ctx, shard, sequence_shard, shape, weight, bias):
+    def forward(ctx, shard, gather, shape, weight, bias):
         ctx.save_for_backward(shard)
-        ctx.sequence_shard = sequence_shard
-        sequence_shard.readers += 1
-        return weight.new_zeros(()).expand(shape)
+        ctx.gather = gather
+        gather.readers += 1
+        return shard.new_zeros(()).expand(shape)  # in the compute dtype, as dy will be
 
     @staticmethod
     def backward(ctx, grad):
         shard, = ctx.saved_tensors
-        x = ctx.sequence_shard.gather(shard)
+        x = ctx.gather(shard)
         _, _, _, need_weight, need_bias = ctx.needs_input_grad
         grad = grad.reshape(-1, grad.shape[-1])
         dw = grad.t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype) if need_weight else None
@@ -148,7 +157,7 @@ def _linear_saving_shard(x: torch.Tensor, shard: SequenceShard, weight: nn.Param
     trained = weight.requires_grad or (bias is not None and bias.requires_grad)
     if not (trained and torch.is_grad_enabled()):
         return y  # no weight gradient: nothing to save
-    placeholder = _WeightGrad.apply(shard.tensor.detach(), shard, y.shape, weight, bias)
+    placeholder = _WeightGrad.apply(shard.tensor.detach(), shard.gather, y.shape, weight, bias)
     return _Fanout.apply(y, placeholder)
 
 
