@@ -76,10 +76,10 @@ class CommAccounting(contextlib.ContextDecorator):
             for module in (dist, c10d):
                 if hasattr(module, name):
                     self._saved.append((module, name, getattr(module, name)))
-        originals = {}
+        hooked = {}
         for module, name, fn in self._saved:
-            originals.setdefault(name, fn)
-            setattr(module, name, self._wrap(name, originals[name]))
+            # One wrapper per name in both modules: `dist.P2POp` checks `op` against c10d's isend.
+            setattr(module, name, hooked.setdefault(name, self._wrap(name, fn)))
         return self
 
     def __exit__(self, *exc):
