@@ -129,3 +129,36 @@ def test_sequence_parallel_saves_the_linear_inputs_as_one_tp_th_of_the_sequence(
     for got in world.run(_linear_inputs, name):
         assert got[False][:2] == (2 * b * s * h * e, 2)  # the whole inputs
         assert got[True] == (2 * b * s // tp * h * e, 2, [])  # shards; no gathered input saved
+
+
+def _autocast_inputs(name):
+    """An SP block at TP 2 with fp32 weights under bf16 autocast: the distinct saved bf16
+    [batch, seq / 2, hidden] tensors (casts of a linear input's shard), and the dtypes of the
+    forward's TP all-gathers."""
+    from starcoder.parallel.comm_accounting import CommAccounting
+
+    cfg = load_config(name, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"])
+    grid = init_grid(ParallelConfig(tensor_parallel=2, sequence_parallel=True))
+    torch.manual_seed(0)
+    model = parallelize(GPT(cfg.model, padded_vocab_size=cfg.model.padded_vocab_size(2)), grid).train()
+    seq, h = cfg.train.seq_length, cfg.model.hidden_size
+    x = torch.randn(MICRO_BATCH, seq // 2, h, requires_grad=True)
+    casts = {}
+
+    def pack(t):
+        if t.dtype == torch.bfloat16 and tuple(t.shape) == (MICRO_BATCH, seq // 2, h):
+            casts[t.untyped_storage().data_ptr()] = tuple(t.shape)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            CommAccounting({"tp": grid.group("tp")}) as accounting, \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model.blocks["0"](x, model._rope(seq, x.device))
+    y.float().sum().backward()
+    return len(casts), [str(c.dtype) for c in accounting.calls if c.kind == "all_gather"]
+
+
+@pytest.mark.parametrize("name", ["tiny-sc1", "tiny-sc2"])
+def test_under_autocast_q_and_kv_share_one_cast_of_their_input_shard(world, name):
+    for casts, gathers in world.run(_autocast_inputs, name):
+        assert casts == 2  # the attention input (q and kv) and the fc_in input, each cast once
+        assert gathers == ["torch.bfloat16"] * 2  # the forward gathers move the cast bytes
