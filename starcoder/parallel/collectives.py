@@ -43,8 +43,8 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
-def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    """Concatenate every rank's `x` along `dim` (rank order)."""
+def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Concatenate every rank's `x` along `dim` (rank order); no autograd."""
     n = _size(group)
     front = x.movedim(dim, 0).contiguous()
     out = torch.empty((n * front.shape[0], *front.shape[1:]), dtype=x.dtype, device=x.device)
@@ -95,7 +95,7 @@ class _GatherFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _all_gather(x, x.dim() - 1, group)
+        return all_gather(x, x.dim() - 1, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -110,14 +110,14 @@ class _ScatterToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, grad.dim() - 1, ctx.group), None
+        return all_gather(grad, grad.dim() - 1, ctx.group), None
 
 
 class _GatherFromSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _all_gather(x, SEQ_DIM, group)
+        return all_gather(x, SEQ_DIM, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -132,7 +132,7 @@ class _ReduceScatterToSP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, SEQ_DIM, ctx.group), None
+        return all_gather(grad, SEQ_DIM, ctx.group), None
 
 
 def _apply(fn, x: torch.Tensor, group) -> torch.Tensor:

@@ -76,10 +76,10 @@ class CommAccounting(contextlib.ContextDecorator):
             for module in (dist, c10d):
                 if hasattr(module, name):
                     self._saved.append((module, name, getattr(module, name)))
-        originals = {}
+        hooked = {}
         for module, name, fn in self._saved:
-            originals.setdefault(name, fn)
-            setattr(module, name, self._wrap(name, originals[name]))
+            # One wrapper per name in both modules: `dist.P2POp` checks `op` against c10d's isend.
+            setattr(module, name, hooked.setdefault(name, self._wrap(name, fn)))
         return self
 
     def __exit__(self, *exc):
@@ -134,13 +134,15 @@ def dp_step_bytes(psi: int, dp: int, distributed: bool, grad_bytes: int = 4,
 def tp_micro_batch_bytes(b: int, s: int, h: int, layers: int, tp: int, sp: bool,
                          act_bytes: int = 2) -> dict[str, float]:
     """TP activation bytes per micro-batch: per block 2 all-reduces forward and 2 backward of
-    b x s x h, or under SP the 4 all-gathers and 4 reduce-scatters that replace them; plus the
-    embedding's reduction and the output layer's input (an all-reduce in backward without SP, an
-    all-gather forward and reduce-scatter backward with it)."""
+    b x s x h, or under SP the 4 all-gathers and 4 reduce-scatters that replace them, plus 2
+    all-gathers in backward of the saved input shards (attention input, fc_in input: the
+    column-parallel linears save 1/tp of the sequence); plus the embedding's reduction and the
+    output layer's input (an all-reduce in backward without SP, an all-gather forward and
+    reduce-scatter backward with it)."""
     x = b * s * h * act_bytes
-    if sp:
-        per_kind = (4 * layers + 2) * ring("all_gather", tp, x)  # embedding: rs fwd, ag bwd
-        return {"all_gather": per_kind, "reduce_scatter": per_kind}
+    if sp:  # embedding: rs fwd, ag bwd; output layer: ag fwd, rs bwd
+        return {"all_gather": (6 * layers + 2) * ring("all_gather", tp, x),
+                "reduce_scatter": (4 * layers + 2) * ring("reduce_scatter", tp, x)}
     return {"all_reduce": (4 * layers + 2) * ring("all_reduce", tp, x)}
 
 

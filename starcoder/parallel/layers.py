@@ -9,16 +9,28 @@ gradient is only part of the true one, `partial_grad = True`
 
 With sequence parallel the layers read and write [batch, seq / tp, hidden] and gather or
 reduce-scatter the sequence themselves; otherwise [batch, seq, hidden] replicated on the TP ranks.
+
+Sequence-parallel column-parallel linears save their local [batch, seq / tp, hidden] input shard,
+not the gathered input, and gather it again in backward for the weight gradient (Megatron's
+`LinearWithGradAccumulationAndAsyncCommunication`). Linears reading one gathered input (q_proj and
+kv_proj) share its forward gather, its one backward gather (`SharedGather`) and the reduce-scatter
+of their summed input gradients. The input gradient and the weight gradient are separate autograd
+nodes, joined by a node that only hands the output gradient to both (`_linear_saving_shard`): the
+zero-bubble schedules' weight pass (`torch.distributed.pipelining._backward.stage_backward_weight`)
+re-runs the node where a weight's path leaves the input path, which is then that trivial node, so
+neither the input gradient nor the gather runs twice.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from starcoder.parallel.collectives import (copy_to_tp, gather_from_sp, gather_from_tp,
-                                            reduce_from_tp, reduce_scatter_to_sp)
+from starcoder.parallel.collectives import (SEQ_DIM, all_gather, copy_to_tp, gather_from_sp,
+                                            gather_from_tp, reduce_from_tp, reduce_scatter_to_sp)
 from starcoder.parallel.cross_entropy import vocab_parallel_cross_entropy
 from starcoder.parallel.grid import Grid
 
@@ -43,10 +55,110 @@ def mark_replicated(param: nn.Parameter, grid: Grid, partial_grad: bool) -> None
 
 
 def input_to_tp(x: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Enter a tensor-parallel region: gather the sequence (sequence parallel) or copy."""
+    """Enter a tensor-parallel region: gather the sequence (sequence parallel) or copy. Under
+    autocast the input is cast once here, so the projections reading it share one cast (and, with
+    sequence parallel, the gather moves the cast bytes). A gathered input carries its local shard
+    as `sequence_shard` for the column-parallel linears to save instead."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        x = x.to(torch.get_autocast_dtype(device))
     if grid.sequence_parallel:
-        return gather_from_sp(x, grid.group("tp"))
+        full = gather_from_sp(x, grid.group("tp"))
+        full.sequence_shard = SequenceShard(x, SharedGather(grid.group("tp")))
+        return full
     return copy_to_tp(x, grid.group("tp"))
+
+
+class SharedGather:
+    """The backward all-gather of one saved input shard, shared by the linears that read the
+    gathered input: the first reader in a backward gathers, the last drops the result (a later
+    backward gathers again). Holds no tensor between backwards, so recomputation and saved-tensor
+    hooks still decide what the shard costs."""
+
+    def __init__(self, group):
+        self.group = group
+        self.readers = 0  # weight-gradient nodes saving the shard
+        self._served = 0
+        self._full: torch.Tensor | None = None
+
+    def __call__(self, shard: torch.Tensor) -> torch.Tensor:
+        if self._full is None:
+            self._full = all_gather(shard, SEQ_DIM, self.group)
+        full = self._full
+        self._served += 1
+        if self._served % self.readers == 0:
+            self._full = None
+        return full
+
+
+class SequenceShard(NamedTuple):
+    """What a sequence-parallel gathered input carries (`sequence_shard`): its local shard, which
+    the linears reading it save instead, and their shared backward gather."""
+    tensor: torch.Tensor
+    gather: SharedGather
+
+
+class _InputGrad(torch.autograd.Function):
+    """y = x W^T + b on the gathered input, saving only W (detached: the weight gradient is
+    `_WeightGrad`'s); backward: dy W."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, = ctx.saved_tensors
+        dx = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        return dx, None, None
+
+
+class _WeightGrad(torch.autograd.Function):
+    """Stands for W and b in the graph: saves the input shard and returns a zero-stride
+    placeholder shaped like y; backward gathers the shard (`SharedGather`) and returns
+    dW = dy^T x and db = sum dy."""
+
+    @staticmethod
+    def forward(ctx, shard, gather, shape, weight, bias):
+        ctx.save_for_backward(shard)
+        ctx.gather = gather
+        gather.readers += 1
+        return shard.new_zeros(()).expand(shape)  # in the compute dtype, as dy will be
+
+    @staticmethod
+    def backward(ctx, grad):
+        shard, = ctx.saved_tensors
+        x = ctx.gather(shard)
+        _, _, _, need_weight, need_bias = ctx.needs_input_grad
+        grad = grad.reshape(-1, grad.shape[-1])
+        dw = grad.t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype) if need_weight else None
+        db = grad.sum(0) if need_bias else None
+        return None, None, None, dw, db
+
+
+class _Fanout(torch.autograd.Function):
+    """Returns y; backward hands dy to the input-gradient and the weight-gradient node. The
+    zero-bubble weight pass re-runs this node only (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, y, placeholder):
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad
+
+
+def _linear_saving_shard(x: torch.Tensor, shard: SequenceShard, weight: nn.Parameter,
+                         bias: nn.Parameter | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) on a gathered input that saves `shard` instead of `x`."""
+    y = _InputGrad.apply(x, weight.detach(), None if bias is None else bias.detach())
+    trained = weight.requires_grad or (bias is not None and bias.requires_grad)
+    if not (trained and torch.is_grad_enabled()):
+        return y  # no weight gradient: nothing to save
+    placeholder = _WeightGrad.apply(shard.tensor.detach(), shard.gather, y.shape, weight, bias)
+    return _Fanout.apply(y, placeholder)
 
 
 def output_from_tp(x: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -80,9 +192,13 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor, return_bias: bool = False):
         if self.enter_region:
             x = input_to_tp(x, self.grid)
-        if return_bias:
-            return F.linear(x, self.weight), self.bias
-        return F.linear(x, self.weight, self.bias)
+        bias = None if return_bias else self.bias
+        shard = getattr(x, "sequence_shard", None)
+        if shard is None:
+            y = F.linear(x, self.weight, bias)
+        else:
+            y = _linear_saving_shard(x, shard, self.weight, bias)
+        return (y, self.bias) if return_bias else y
 
 
 class RowParallelLinear(nn.Module):

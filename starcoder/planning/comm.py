@@ -26,15 +26,14 @@ def comm_bytes(cfg: Config, dp: int, accumulation: int) -> dict[str, int]:
     layers = max(stage_layers(cfg))
     activation = t.micro_batch_size * t.seq_length * m.hidden_size * e  # one [b, s, h] tensor
     # Per block: attention and MLP each enter and leave a TP region, forward and backward:
-    # SP: all-gather + reduce-scatter each way; otherwise one all-reduce each way.
-    if p.sequence_parallel:
-        per_block = 4 * (_ring("all_gather", tp, activation) + _ring("reduce_scatter", tp, activation))
-    else:
-        per_block = 4 * _ring("all_reduce", tp, activation)
+    # SP: all-gather + reduce-scatter each way, and backward gathers the two saved input shards
+    # again (comm_accounting.tp_micro_batch_bytes); otherwise one all-reduce each way.
+    ag, rs, ar = (_ring(kind, tp, activation) for kind in ("all_gather", "reduce_scatter", "all_reduce"))
+    forward, backward = (2 * (ag + rs), 4 * ag + 2 * rs) if p.sequence_parallel else (2 * ar, 2 * ar)
     # A recomputed forward repeats the forward's collectives: full recompute in its recomputed
     # blocks, selective in every block (starcoder.models.recompute cannot keep their outputs).
     replayed = layers if m.recompute == "selective" else max(recomputed_layers(cfg))
-    tp_bytes = accumulation * (layers + 0.5 * replayed) * per_block
+    tp_bytes = accumulation * (layers * (forward + backward) + replayed * forward)
     n = parameters_per_rank(m, tp, layers, pp == 1, True, pp)
     grad_bytes = 4 if precision == "fp32" or getattr(p, "grad_reduce_in_fp32", True) else 2
     if p.distributed_optimizer:

@@ -77,7 +77,7 @@ def activation_tensors(m: ModelConfig, tp: int, sp: bool, micro_batch: int, seq:
     t: dict[str, int] = {}
     t["attn_norm input"] = local * h * e
     t["attn_norm mean, rstd"] = 2 * local * 4
-    t["q/kv input"] = tokens * h * e
+    t["q/kv input"] = local * h * e  # SP: the shard, gathered again in backward (one for q and kv)
     # v is a view of kv_proj's output, which therefore stays whole; RoPE makes k a new tensor.
     qkv = tokens * (heads + 2 * kv_heads + (kv_heads if m.position_embedding == "rope" else 0)) * d * e
     t["attention q, k, v"] = qkv
@@ -92,7 +92,7 @@ def activation_tensors(m: ModelConfig, tp: int, sp: bool, micro_batch: int, seq:
         t["attention output"] = tokens * heads * d * e
     t["mlp_norm input"] = local * h * e
     t["mlp_norm mean, rstd"] = 2 * local * 4
-    t["fc_in input"] = tokens * h * e
+    t["fc_in input"] = local * h * e  # SP: the shard, as for q/kv
     t["gelu input"] = tokens * f // tp * e
     t["fc_out input"] = tokens * f // tp * e
     if m.hidden_dropout > 0:

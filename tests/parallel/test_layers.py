@@ -1,7 +1,7 @@
 """The pieces under the parallel model, in one 4-rank gloo world: autograd collectives, the
 vocabulary-parallel cross-entropy (PyTorch and Triton shard pieces), the TP dropout streams (the
-module's and the fused kernel's), meta-device sharding and DCP round trips of the shard
-description."""
+module's and the fused kernel's), sequence-parallel linears under the zero-bubble backward split,
+meta-device sharding and DCP round trips of the shard description."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
 from starcoder.models import GPT, init_weights
 from starcoder.models.ops import bias_dropout_add
 from starcoder.parallel import materialize, parallelize, to_dtensor
+from starcoder.parallel.comm_accounting import CommAccounting
 from starcoder.parallel.collectives import (copy_to_tp, gather_from_sp, gather_from_tp, reduce_from_tp,
                                             reduce_scatter_to_sp, scatter_to_tp)
 from starcoder.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -221,6 +223,56 @@ def test_tp_rng_fork_differs_across_tp_ranks_only(world, tp):
         for b in range(a + 1, tp):
             assert not torch.equal(by_tp_rank[a][1], by_tp_rank[b][1])
             assert not torch.equal(by_tp_rank[a][2], by_tp_rank[b][2])
+
+
+def _zero_bubble_split(preset, tp):
+    """One sequence-parallel block's backward, whole and split as the zero-bubble schedules split
+    it (input gradients, then weight gradients, with torch's own functions): the TP collectives
+    each pass runs, and whether the split gives the whole backward's gradients bit for bit."""
+    cfg = model_config(preset, tp, True)
+    g = grid(tp, True)
+    _, model = reference_and_parallel(cfg, g)
+    block, rope = model.blocks["0"], model._rope(32, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(g.tp_rank)
+    x0 = torch.randn(2, 32 // tp, cfg.hidden_size, generator=gen)
+    upstream = torch.randn(2, 32 // tp, cfg.hidden_size, generator=gen)
+    params = list(block.parameters())
+
+    def run(split: bool):
+        for p in params:
+            p.grad = None
+        x = x0.clone().requires_grad_()
+        y = block(x, rope)
+        counts = []
+        for phase in ("input", "weight") if split else ("whole",):
+            with CommAccounting({"tp": g.group("tp")}) as acc:
+                if phase == "whole":
+                    y.backward(upstream)
+                elif phase == "input":
+                    _, groups = stage_backward_input([y], [upstream], [x], iter(params))
+                else:
+                    stage_backward_weight(iter(params), groups)
+            counts.append(sorted(f"{c.kind} {c.numel}" for c in acc.calls))
+        return counts, [x.grad.clone(), *(p.grad.clone() for p in params)]
+
+    (whole,), grads = run(split=False)
+    (first, second), split_grads = run(split=True)
+    return whole, first, second, all(torch.equal(a, b) for a, b in zip(grads, split_grads))
+
+
+@pytest.mark.parametrize("preset", ["tiny-sc1", "tiny-sc2"])
+def test_zero_bubble_split_of_a_sequence_parallel_block_gathers_each_input_once(world, preset):
+    """The whole backward gathers each saved input shard (attention input, fc_in input) once,
+    besides the adjoints of the two output reduce-scatters, and reduce-scatters the two input
+    gradients; split, the input pass does the adjoints and the reduce-scatters, the weight pass
+    exactly the two shard gathers, and nothing else."""
+    tp = 2
+    full = 2 * 32 * 256  # [batch, seq, hidden] of tiny-sc1 / tiny-sc2
+    for whole, first, second, same in world.run(_zero_bubble_split, preset, tp):
+        assert whole == sorted([f"all_gather {full}"] * 4 + [f"reduce_scatter {full}"] * 2)
+        assert first == sorted([f"all_gather {full}"] * 2 + [f"reduce_scatter {full}"] * 2)
+        assert second == [f"all_gather {full}"] * 2
+        assert same
 
 
 def _meta_build(preset, tp, sp):

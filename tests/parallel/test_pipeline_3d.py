@@ -1,7 +1,8 @@
 """Pipeline parallelism composed with tensor, sequence and data parallelism, and checkpoints
 that reshard across stages. One 4-rank and one 8-rank gloo world (each started once).
 
-4 ranks: PP 4 (1f1b), TP 2 x PP 2 with SP, PP 2 x DP 2 with the distributed optimizer.
+4 ranks: PP 4 (1f1b), TP 2 x PP 2 with SP (1f1b and zero-bubble, whose all-gathers are counted),
+PP 2 x DP 2 with the distributed optimizer.
 8 ranks: TP 2 x PP 2 x DP 2, saved at step 5 and resumed at TP 1 x PP 4 x DP 2, TP 4 x PP 1 x
 DP 2 and in one process; its checkpoint exported to Hugging Face. tiny-sc1 (tied, MQA).
 Real processes: SIGKILL at TP 2 x PP 2 and restart.
@@ -37,6 +38,7 @@ CASES_4 = {
     "pp4-1f1b": layout(1, 4, "parallel.pipeline_schedule=1f1b"),
     "tp2-pp2-sp": layout(2, 2, sp=True),
     "pp2-dp2-zero": layout(1, 2, "parallel.distributed_optimizer=true"),
+    "tp2-pp2-sp-zero-bubble": layout(2, 2, "parallel.pipeline_schedule=zero_bubble", sp=True),
 }
 
 
@@ -56,11 +58,35 @@ def reference(root, corpus):
     return root / "reference"
 
 
+def _tp_all_gathers(preset: str, corpus: str, out: str, overrides: list[str]) -> tuple[int, int, int]:
+    """The TP all-gathers of this rank in a step after the first (whose schedule also runs a shape
+    inference), with its micro-batches and blocks."""
+    from starcoder.data import build_train_loader
+    from starcoder.parallel.comm_accounting import CommAccounting
+    from starcoder.training.trainer import Trainer
+
+    trainer = Trainer(config(preset, corpus, out, *overrides))
+    g = trainer.grid
+    batches = iter(build_train_loader(trainer.cfg, trainer.tokenizer, dp_rank=g.dp_rank, dp_size=g.dp,
+                                      consumed_samples=0))
+    try:
+        trainer.train_step([next(batches) for _ in range(trainer.accum)], 1e-3)
+        with CommAccounting({"tp": g.group("tp")}) as accounting:
+            trainer.train_step([next(batches) for _ in range(trainer.accum)], 1e-3)
+    finally:
+        trainer.close()
+    gathers = sum(c.group == "tp" and c.kind == "all_gather" for c in accounting.calls)
+    return gathers, trainer.accum, len(trainer.model.blocks)
+
+
 @pytest.fixture(scope="module")
 def runs4(root, corpus):
     with World(4) as world:
-        return {name: (root / name, world.run(train_rank, PRESET, corpus, str(root / name), sets))
-                for name, sets in CASES_4.items()}
+        out = {name: (root / name, world.run(train_rank, PRESET, corpus, str(root / name), sets))
+               for name, sets in CASES_4.items()}
+        out["zero-bubble all-gathers"] = world.run(_tp_all_gathers, PRESET, corpus, str(root / "count"),
+                                                   CASES_4["tp2-pp2-sp-zero-bubble"])
+        return out
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +108,16 @@ def test_4_ranks_give_the_single_process_numbers(runs4, reference, name):
     folder, per_rank = runs4[name]
     assert matches(folder, reference, TOL)
     assert copies_differ(per_rank) == []  # tied copies, TP copies, DP replicas
+
+
+def test_zero_bubble_gathers_each_saved_shard_once(runs4):
+    """Under the zero-bubble schedule (input gradients and weight gradients in separate passes),
+    each rank's TP all-gathers per micro-batch are what one backward does: per block the attention
+    and MLP inputs forward, the two output gradients and the two saved input shards backward;
+    plus the embedding's output gradient (first stage) or the output layer's input (last)."""
+    for gathers, micro_batches, blocks in runs4["zero-bubble all-gathers"]:
+        assert blocks == 2
+        assert gathers == micro_batches * (6 * blocks + 1)
 
 
 def test_tp2_pp2_dp2_gives_the_single_process_numbers(runs8, reference):

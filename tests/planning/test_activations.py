@@ -1,5 +1,6 @@
 """The planner's activation bytes equal what one block saves for backward (saved-tensor hooks),
-for tiny-sc1 and tiny-sc2, every recompute mode, fp32 and bf16, TP 1 and TP 2 with SP on and off."""
+for tiny-sc1 and tiny-sc2, every recompute mode, fp32 and bf16, TP 1 and TP 2 with SP on and off;
+with SP the linears' inputs are saved as 1/TP of the sequence."""
 
 from unittest import mock
 
@@ -127,3 +128,75 @@ def test_recompute_layers_blocks_save_only_their_input():
     full = sum(activation_tensors(cfg.model, 1, False, MICRO_BATCH, cfg.train.seq_length, 4, "full").values())
     assert full < predicted / 3  # the first block's share is its input only
     assert abs(predicted / measured - 1) < 0.05, (measured, predicted)
+
+
+def _linear_inputs(name):
+    """Per SP setting at TP 2 (fp32): bytes saved of the q/kv and fc_in inputs (the outputs of
+    attn_norm and mlp_norm), how many norm outputs there were, and the shapes of every saved
+    tensor of b x s x h elements with h last (F.linear saves a 3-D input as a 2-D view)."""
+    out = {}
+    for sp in (False, True):
+        cfg = load_config(name, ["parallel.tensor_parallel=2", f"parallel.sequence_parallel={str(sp).lower()}"])
+        grid = init_grid(ParallelConfig(tensor_parallel=2, sequence_parallel=sp))
+        torch.manual_seed(0)
+        model = parallelize(GPT(cfg.model, padded_vocab_size=cfg.model.padded_vocab_size(2)), grid).train()
+        block, seq, h = model.blocks["0"], cfg.train.seq_length, cfg.model.hidden_size
+        x = torch.randn(MICRO_BATCH, seq // 2 if sp else seq, h, requires_grad=True)
+        norm_outputs = {}
+        for norm in (block.attn_norm, block.mlp_norm):
+            norm.register_forward_hook(lambda m, a, y: norm_outputs.setdefault(y.untyped_storage().data_ptr(), y))
+        saved, weights = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in weights:
+                saved[t.untyped_storage().data_ptr()] = t
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = block(x, model._rope(seq, x.device))
+        y.sum().backward()
+        out[sp] = (sum(t.untyped_storage().nbytes() for p, t in saved.items() if p in norm_outputs),
+                   len(norm_outputs),
+                   [tuple(t.shape) for t in saved.values()
+                    if t.shape[-1] == h and t.numel() == MICRO_BATCH * seq * h])
+    return out
+
+
+@pytest.mark.parametrize("name", ["tiny-sc1", "tiny-sc2"])
+def test_sequence_parallel_saves_the_linear_inputs_as_one_tp_th_of_the_sequence(world, name):
+    b, s, h, e, tp = MICRO_BATCH, 256, 256, 4, 2
+    for got in world.run(_linear_inputs, name):
+        assert got[False][:2] == (2 * b * s * h * e, 2)  # the whole inputs
+        assert got[True] == (2 * b * s // tp * h * e, 2, [])  # shards; no gathered input saved
+
+
+def _autocast_inputs(name):
+    """An SP block at TP 2 with fp32 weights under bf16 autocast: the distinct saved bf16
+    [batch, seq / 2, hidden] tensors (casts of a linear input's shard), and the dtypes of the
+    forward's TP all-gathers."""
+    from starcoder.parallel.comm_accounting import CommAccounting
+
+    cfg = load_config(name, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"])
+    grid = init_grid(ParallelConfig(tensor_parallel=2, sequence_parallel=True))
+    torch.manual_seed(0)
+    model = parallelize(GPT(cfg.model, padded_vocab_size=cfg.model.padded_vocab_size(2)), grid).train()
+    seq, h = cfg.train.seq_length, cfg.model.hidden_size
+    x = torch.randn(MICRO_BATCH, seq // 2, h, requires_grad=True)
+    casts = {}
+
+    def pack(t):
+        if t.dtype == torch.bfloat16 and tuple(t.shape) == (MICRO_BATCH, seq // 2, h):
+            casts[t.untyped_storage().data_ptr()] = tuple(t.shape)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            CommAccounting({"tp": grid.group("tp")}) as accounting, \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model.blocks["0"](x, model._rope(seq, x.device))
+    y.float().sum().backward()
+    return len(casts), [str(c.dtype) for c in accounting.calls if c.kind == "all_gather"]
+
+
+@pytest.mark.parametrize("name", ["tiny-sc1", "tiny-sc2"])
+def test_under_autocast_q_and_kv_share_one_cast_of_their_input_shard(world, name):
+    for casts, gathers in world.run(_autocast_inputs, name):
+        assert casts == 2  # the attention input (q and kv) and the fc_in input, each cast once
+        assert gathers == ["torch.bfloat16"] * 2  # the forward gathers move the cast bytes
