@@ -14,7 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from starcoder.config import ConfigError, load_config
+from starcoder.cli import main as starcoder_main
+from starcoder.config import ConfigError, UserError, load_config
 from starcoder.convert.checkpoints import CheckpointReader, latest_checkpoint
 from starcoder.convert.export import adapter_to_peft, to_hf
 from starcoder.convert.lora import is_lora, lora_shapes
@@ -78,7 +79,9 @@ def test_peft_adapter_on_the_exported_base_gives_our_logits(lora_run, tmp_path):
         ours = lora_run["model"](ids())
         base = AutoModelForCausalLM.from_pretrained(lora_run["base"]["hf"], dtype=torch.float32)
         plain = base(ids()).logits
-        adapter = adapter_to_peft(lora_run["dir"], tmp_path / "adapter")
+        adapter = tmp_path / "adapter"
+        assert starcoder_main(["convert", "to-hf", "--checkpoint", str(lora_run["dir"]),
+                               "--output", str(adapter), "--adapter-only"]) == 0
         peft_model = peft.PeftModel.from_pretrained(base, adapter).eval()
         theirs = peft_model(ids()).logits
     assert (ours - plain).abs().max() > 100 * TOL  # the adapters matter
@@ -148,3 +151,9 @@ def test_adapter_names_and_shapes_are_the_export_table():
 def test_bad_lora_settings_name_the_key(sets, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         load_config("tiny-sc2", sets)
+
+
+def test_adapter_only_needs_a_lora_checkpoint(tiny_models, tmp_path):
+    with pytest.raises(UserError, match="--adapter-only exports a LoRA run's checkpoint"):
+        adapter_to_peft(tiny_models["sc1"]["native"], tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
