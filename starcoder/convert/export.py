@@ -18,13 +18,13 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from starcoder.config import Config, UserError
+from starcoder.convert.checkpoints import verify_step_folder
 from starcoder.convert.hf import hf_config, native_to_hf
 from starcoder.convert.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_adapter
 from starcoder.convert.native import copy_tokenizer_files, write_model_folder
 from starcoder.convert.sharded import DEFAULT_SHARD_SIZE, ShardedWriter, parse_size, replacing_folder
 from starcoder.convert.weights import (folder_kind, is_hf_folder, iter_weights, native_shapes,
                                        read_folder_config, read_lora, resolve_folder)
-from starcoder.convert.checkpoints import verify_step_folder
 
 
 def to_hf(source: str | Path, output: str | Path, max_shard_size: int | str = DEFAULT_SHARD_SIZE,

@@ -4,8 +4,9 @@ adapters, within 1e-6.
 
 One 2-rank gloo world serves the module: TP 2 (x DP 1) or DP 2. tiny-sc1 (MQA: at TP 2 the KV
 head, and so the adapter's kv rows, are copied on both ranks while the q rows split) and tiny-sc2
-(2 KV heads: split at TP 2), cut down to 2 layers x 64, every projection adapted. The base models
-are written once for the module; adapter dropout is 0 (TP ranks draw their own masks).
+(2 KV heads: split at TP 2), cut down to 2 layers x 64, every projection adapted; DP 2 also with
+the distributed optimizer (gradient buffer, frozen base outside it). Each preset's base model is
+written once; adapter dropout is 0 (TP ranks draw their own masks).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ SETS = ["train.seq_length=32", "train.global_batch_size=8", "train.micro_batch_s
         "log.every=1", "log.tensorboard=false", "log.progress_bar=false", "data.num_workers=0"]
 LAYOUTS = {"tp2": ["parallel.tensor_parallel=2"],
            "tp2-sp": ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
-           "dp2": []}
+           "dp2": [],
+           "dp2-distopt": ["parallel.distributed_optimizer=true"]}
 TOL = 1e-6
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -59,7 +61,7 @@ def _train(preset, base, corpus, out, overrides):
 
 
 @pytest.mark.parametrize("preset, layouts", [("tiny-sc1", ["tp2", "tp2-sp", "dp2"]),
-                                             ("tiny-sc2", ["tp2-sp", "dp2"])])
+                                             ("tiny-sc2", ["tp2-sp", "dp2-distopt"])])
 def test_tp2_and_dp2_lora_runs_equal_one_process(preset, layouts, world, corpus, tmp_path):
     base = write_tiny_model(tmp_path / "base", preset, MODEL, std=0.05)["native"]
     reference = trained_parameters(config(preset, base, corpus, tmp_path / "one"))
