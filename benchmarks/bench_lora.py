@@ -11,8 +11,12 @@ AdamW, LoRA as above. Ours is the whole product path (data loader over the stand
 logging, the final checkpoint save inside the timed window); the peer is
 `peft.get_peft_model(GPTBigCodeForCausalLM)` on token batches already in memory. The first
 `--warmup` steps are not timed; each side runs `--repeats` times, alternating; the best counts.
+On a shared machine the loop's numbers swing with the load, so a third part times the models
+alone: forward + backward of one micro-batch, ours and the peft model alternating, 12 times each
+(min and median).
 
-    python benchmarks/bench_lora.py [--steps 25] [--warmup 5] [--threads 2] [--repeats 2]
+    PYTHONPATH=. python benchmarks/bench_lora.py [--steps 25] [--warmup 5] [--threads 2]
+        [--repeats 2] [--parts memory,loop,model]
 """
 
 from __future__ import annotations
@@ -139,12 +143,44 @@ def peer(hf_base: Path, steps: int, warmup: int) -> float:
     return (steps - warmup) * t.micro_batch_size * t.seq_length / (time.perf_counter() - start)
 
 
+def model_steps(cfg_base: dict[str, Path], repeats: int = 12) -> dict[str, list[float]]:
+    """Seconds of forward + backward of one 8 x 256 micro-batch, ours and peft's, alternating."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from starcoder.config import load_config
+    from starcoder.convert.weights import load_weights
+    from starcoder.finetune.lora import apply_lora
+    from starcoder.models.gpt import GPT
+
+    cfg = load_config("tiny-sc1", [*LORA, f"train.init_from={cfg_base['native']}"])
+    ours_model = GPT(cfg.model)
+    load_weights(ours_model, cfg_base["native"])
+    apply_lora(ours_model, cfg).train()
+    theirs = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(cfg_base["hf"], dtype=torch.float32,
+                                             attn_implementation="sdpa"),
+        peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["c_attn", "c_proj"],
+                        task_type="CAUSAL_LM")).train()
+    tokens = torch.randint(0, 8192, (8, 257), generator=torch.Generator().manual_seed(0))
+    steps = {"ours": lambda: ours_model(tokens[:, :-1], tokens[:, 1:]).mean().backward(),
+             "peft": lambda: theirs(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss.backward()}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--parts", default="memory,loop,model", help="which measurements")
     parser.add_argument("--workdir", default=None, help="corpus, base model and runs (default: a temp dir)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -158,15 +194,28 @@ def main() -> None:
                             cwd=Path(__file__).parent).stdout.strip() or "unknown"
     print(f"machine: {machine()}; commit {commit}")
 
-    full, lora = memory(corpus, base["native"], workdir, False), memory(corpus, base["native"], workdir, True)
-    print("\ntiny-sc1, fp32, AdamW: full fine-tuning against LoRA (r 8, Astraios targets)")
-    print("| | full fine-tuning | LoRA | LoRA / full |")
-    print("|---|---:|---:|---:|")
-    for key, label in (("trainable", "trainable parameters"), ("grad_bytes", "gradients (bytes)"),
-                       ("adam_bytes", "AdamW state (bytes)"), ("adam_tensors", "AdamW state tensors"),
-                       ("weight_bytes", "weights (bytes)"), ("checkpoint_bytes", "checkpoint (bytes)")):
-        print(f"| {label} | {full[key]:,} | {lora[key]:,} | {lora[key] / full[key]:.4f} |")
+    parts = args.parts.split(",")
+    if "model" in parts:
+        times = model_steps(base)
+        print("\ntiny-sc1 + LoRA, forward + backward of one 8 x 256 micro-batch, alternating, 12 each")
+        print("| model | min ms | median ms | min vs peft |")
+        print("|---|---:|---:|---:|")
+        for name, label in (("ours", "ours (`apply_lora`)"), ("peft", "`peft` GPTBigCodeForCausalLM")):
+            t = sorted(times[name])
+            print(f"| {label} | {1000 * t[0]:.0f} | {1000 * t[len(t) // 2]:.0f} | "
+                  f"{min(times['peft']) / t[0]:.2f}x |")
+    if "memory" in parts:
+        full, lora = memory(corpus, base["native"], workdir, False), memory(corpus, base["native"], workdir, True)
+        print("\ntiny-sc1, fp32, AdamW: full fine-tuning against LoRA (r 8, Astraios targets)")
+        print("| | full fine-tuning | LoRA | LoRA / full |")
+        print("|---|---:|---:|---:|")
+        for key, label in (("trainable", "trainable parameters"), ("grad_bytes", "gradients (bytes)"),
+                           ("adam_bytes", "AdamW state (bytes)"), ("adam_tensors", "AdamW state tensors"),
+                           ("weight_bytes", "weights (bytes)"), ("checkpoint_bytes", "checkpoint (bytes)")):
+            print(f"| {label} | {full[key]:,} | {lora[key]:,} | {lora[key] / full[key]:.4f} |")
 
+    if "loop" not in parts:
+        return
     results = {"ours": [], "peer": []}
     for _ in range(args.repeats):
         results["ours"].append(ours(corpus, base["native"], workdir, args.steps, args.warmup))
