@@ -22,6 +22,7 @@ so every layout starts from the same adapters.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 
@@ -52,12 +53,14 @@ class LoRALinear(nn.Module):
         self.enter_region = getattr(base, "enter_region", False)
         self.scale = scale
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.enabled = True  # False: the base layer alone (`adapters_off`)
 
     def forward(self, x: torch.Tensor, return_bias: bool = False):
         if self.split == "column" and self.enter_region:
             x = input_to_tp(x, self.grid)
-        y = F.linear(x, self.weight) + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A),
-                                                             self.lora_B)
+        y = F.linear(x, self.weight)
+        if self.enabled:
+            y = y + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
         if self.split == "row":  # the low-rank partial sums reduce with the base's
             y = output_from_tp(y, self.grid)
         if return_bias:
@@ -76,8 +79,11 @@ class AttentionInputLoRA(nn.Module):
         self.lora_A, self.lora_B_q, self.lora_B_kv = lora_A, lora_B_q, lora_B_kv
         self.scale = scale
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.enabled = True  # False: no update (`adapters_off`)
 
     def forward(self, x: torch.Tensor):
+        if not self.enabled:
+            return 0.0, 0.0
         h = self.scale * F.linear(self.dropout(x), self.lora_A)
         return tuple(0.0 if b is None else F.linear(h, b) for b in (self.lora_B_q, self.lora_B_kv))
 
@@ -121,6 +127,20 @@ def apply_lora(model: GPT, cfg: Config, grid: Grid | None = None) -> GPT:
                                                  make_b(f"{module}.lora_B", base.weight),
                                                  scale, f.lora_dropout))
     return model
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """Inside the block the model computes its frozen base alone (every adapter skipped), e.g. a
+    DPO reference under LoRA without a second copy of the model."""
+    adapters = [m for m in model.modules() if isinstance(m, (LoRALinear, AttentionInputLoRA))]
+    for module in adapters:
+        module.enabled = False
+    try:
+        yield model
+    finally:
+        for module in adapters:
+            module.enabled = True
 
 
 def _follow(full: nn.Parameter, base_weight: torch.Tensor, grid: Grid | None, side: str) -> nn.Parameter:

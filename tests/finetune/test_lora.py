@@ -19,7 +19,7 @@ from starcoder.config import ConfigError, UserError, load_config
 from starcoder.convert.checkpoints import CheckpointReader, latest_checkpoint
 from starcoder.convert.export import adapter_to_peft, to_hf
 from starcoder.convert.lora import is_lora, lora_shapes
-from starcoder.finetune.lora import apply_lora
+from starcoder.finetune.lora import adapters_off, apply_lora
 from starcoder.generation.load import load_generator
 from starcoder.models.gpt import GPT
 from starcoder.training.signals import StopRequest
@@ -157,3 +157,21 @@ def test_adapter_only_needs_a_lora_checkpoint(tiny_models, tmp_path):
     with pytest.raises(UserError, match="--adapter-only exports a LoRA run's checkpoint"):
         adapter_to_peft(tiny_models["sc1"]["native"], tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+def test_adapters_off_gives_the_base_model():
+    cfg = load_config("tiny-sc1", ["finetune.lora_rank=4", "train.init_from=x",
+                                   "finetune.lora_targets=[q_proj, kv_proj, out_proj, fc_in, fc_out]"])
+    base = GPT(cfg.model).eval()
+    model = GPT(cfg.model).eval()
+    model.load_state_dict(base.state_dict())
+    apply_lora(model, cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_lora(name):
+                p.normal_(0, 0.5)
+        plain = base(ids())
+        assert (model(ids()) - plain).abs().max() > 1e-2
+        with adapters_off(model):
+            assert torch.allclose(model(ids()), plain, atol=TOL, rtol=0)  # bias added apart
+        assert (model(ids()) - plain).abs().max() > 1e-2  # back on after the block
