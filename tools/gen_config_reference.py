@@ -66,6 +66,8 @@ def default_of(value: ast.expr | None) -> str:
         return "required"
     if isinstance(value, ast.Call) and ast.unparse(value.func) == "field":
         factory = next((k.value for k in value.keywords if k.arg == "default_factory"), None)
+        if isinstance(factory, ast.Lambda):  # `lambda: [...]`: the value it makes
+            return ast.unparse(factory.body)
         return {"list": "[]", "dict": "{}"}.get(ast.unparse(factory), ast.unparse(factory)) if factory else "?"
     text = ast.unparse(value)
     return {"None": "null", "True": "true", "False": "false"}.get(text, text)

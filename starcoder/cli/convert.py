@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from starcoder.convert.export import from_hf, to_hf
+from starcoder.convert.export import adapter_to_peft, from_hf, to_hf
 
 REPLACED = ("written aside and put in place whole once complete: replaces an earlier export, is "
             "left as it was if the conversion fails")
@@ -24,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     to.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="cast floating tensors (default: keep the stored dtype)")
     to.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    to.add_argument("--adapter-only", action="store_true",
+                    help="a LoRA run's checkpoint -> a PEFT adapter folder (adapter_config.json, "
+                         "adapter_model.safetensors) for the exported base; without it a LoRA "
+                         "checkpoint exports merged weights")
     frm = sub.add_parser("from-hf", help="Hugging Face folder -> native model folder",
                          description="Read a GPTBigCode or Starcoder2 model folder (safetensors) and "
                                      "write a native model folder that load_model and train.init_from read.")
@@ -33,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    if args.direction == "to-hf":
+    if args.direction == "to-hf" and args.adapter_only:
+        out = adapter_to_peft(args.checkpoint, args.output, DTYPES[args.dtype] if args.dtype else None)
+    elif args.direction == "to-hf":
         out = to_hf(args.checkpoint, args.output, args.max_shard_size,
                     DTYPES[args.dtype] if args.dtype else None)
     else:

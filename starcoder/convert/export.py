@@ -14,19 +14,24 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from starcoder.config import Config, UserError
+from starcoder.convert.checkpoints import verify_step_folder
 from starcoder.convert.hf import hf_config, native_to_hf
+from starcoder.convert.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_adapter
 from starcoder.convert.native import copy_tokenizer_files, write_model_folder
 from starcoder.convert.sharded import DEFAULT_SHARD_SIZE, ShardedWriter, parse_size, replacing_folder
-from starcoder.convert.weights import is_hf_folder, iter_weights, native_shapes, resolve_folder
+from starcoder.convert.weights import (folder_kind, is_hf_folder, iter_weights, native_shapes,
+                                       read_folder_config, read_lora, resolve_folder)
 
 
 def to_hf(source: str | Path, output: str | Path, max_shard_size: int | str = DEFAULT_SHARD_SIZE,
           dtype: torch.dtype | None = None, progress: bool | None = None) -> Path:
-    """Any readable folder -> a Hugging Face model folder (config.json, safetensors, tokenizer).
-    `progress`: a tqdm bar over the tensors (None: when stderr is a terminal)."""
+    """Any readable folder -> a Hugging Face model folder (config.json, safetensors, tokenizer);
+    a LoRA run's checkpoint gives its merged weights. `progress`: a tqdm bar over the tensors
+    (None: when stderr is a terminal)."""
     parse_size(max_shard_size)
     source, output = resolve_folder(source), Path(output)
     seen_dtype = None
@@ -41,6 +46,27 @@ def to_hf(source: str | Path, output: str | Path, max_shard_size: int | str = DE
         config = hf_config(cfg.model, seen_dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _copy_extras(source, tmp, cfg.model.bos_token_id, cfg.model.eos_token_id)
+    return output
+
+
+def adapter_to_peft(source: str | Path, output: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """A LoRA run's checkpoint -> a PEFT adapter folder (adapter_config.json,
+    adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads onto the Hugging Face
+    export of the base model (`to_hf` of `train.init_from`)."""
+    source, output = resolve_folder(source), Path(output)
+    if folder_kind(source) != "step":
+        raise UserError(f"{source}: --adapter-only exports a LoRA run's checkpoint (a run or step "
+                        f"folder); this is a model folder without adapters")
+    verify_step_folder(source)
+    cfg = read_folder_config(source, "step")
+    if not cfg.finetune.lora_rank:
+        raise UserError(f"{source}: not a LoRA checkpoint (finetune.lora_rank is 0 in its config)")
+    config, tensors = peft_adapter(cfg, read_lora(source), cfg.train.init_from)
+    if dtype is not None:
+        tensors = {name: t.to(dtype) for name, t in tensors.items()}
+    with replacing_folder(output) as tmp:
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return output
 
 

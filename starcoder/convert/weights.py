@@ -12,6 +12,9 @@ Two ways to read:
 * `load_weights` fills a model, possibly split for tensor parallelism, in place (`train.init_from`):
   it insists that the source has the model's shapes (only vocabulary rows may differ, within the
   padding) and reads only this rank's slices of each tensor.
+
+A checkpoint of a LoRA run (`finetune.lora_rank` > 0) reads as its merged weights both ways; the
+model's own adapters (a LoRA model being filled with its base) are left as they are.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from starcoder.convert.checkpoints import (DCP_DIR, VOCAB_PADDED, CheckpointRead
                                            is_step_folder, iter_checkpoint_weights,
                                            resolve_checkpoint, verify_step_folder)
 from starcoder.convert.hf import hf_to_native, ignored_hf, model_config_from_hf, native_origins, native_to_hf
+from starcoder.convert.lora import adapted_weights, delta, is_lora, lora_shapes, merge_lora
 from starcoder.convert.native import CONFIG_NAME, is_model_folder, iter_model_folder
 from starcoder.convert.native import read_config as read_native_config
 from starcoder.convert.sharded import iter_safetensors, open_safetensors, read_headers
@@ -140,6 +144,8 @@ def check_folder(path: Path, kind: str, cfg: Config) -> None:
     other: an error names the first tensor that is not."""
     config_file = {"step": checkpoints.CONFIG_FILE, "native": CONFIG_NAME, "hf": HF_CONFIG}[kind]
     expected = hf_shapes(cfg) if kind == "hf" else native_shapes(cfg)
+    if kind == "step":  # a LoRA run's checkpoint holds its adapters beside the base
+        expected.update(lora_shapes(cfg))
     ignored = ignored_hf(cfg.model) if kind == "hf" else None
     stored = stored_tensors(path, kind, cfg)
     for name, (shape, dtype, file) in sorted(stored.items()):
@@ -179,10 +185,26 @@ def iter_weights(path: str | Path) -> tuple[Config, Iterator[tuple[str, torch.Te
     a training run folder or a checkpoint step folder."""
     folder, kind, cfg = open_weights(path)
     if kind == "step":
-        return iter_checkpoint_weights(folder, verify=False)
+        cfg, tensors = iter_checkpoint_weights(folder, verify=False)
+        if cfg.finetune.lora_rank:
+            tensors = merge_lora(cfg, tensors, read_lora(folder))
+        return cfg, tensors
     if kind == "native":
         return iter_model_folder(folder)
     return cfg, hf_to_native(cfg.model, iter_safetensors(folder))
+
+
+def read_lora(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The full LoRA tensors of a step folder (small: read whole, without a process group)."""
+    cfg = checkpoints.read_config(step_dir)
+    reader = CheckpointReader(step_dir / DCP_DIR)
+    metadata = reader.read_metadata().state_dict_metadata
+    out = {}
+    for name in lora_shapes(cfg):
+        meta = metadata[f"model.{name}"]
+        out[name] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    dcp_load({f"model.{n}": t for n, t in out.items()}, reader, step_dir, single_process=True)
+    return out
 
 
 @torch.no_grad()
@@ -210,6 +232,8 @@ def load_weights(model: GPT, path: str | Path, grid=None) -> Config:
     check_fits(model, folder, source)
     if kind == "step":
         _load_step_folder(model, folder, grid)
+        if source.finetune.lora_rank:
+            _merge_lora_into(model, folder, source)
     else:
         _load_safetensors(model, folder, kind, source)
     return source
@@ -220,7 +244,7 @@ def check_fits(model: GPT, folder: Path, source: Config) -> None:
     vocabulary tensors may have any row count from `vocab_size` up to the padded one."""
     stored, target = native_shapes(source), model.cfg
     hint = _differing_keys(source, target)
-    for name, param in model.named_parameters():
+    for name, param in _base_parameters(model):
         full = tuple(getattr(param, "full_shape", param.shape))
         have = stored.pop(name, None)
         if have is None:
@@ -258,7 +282,7 @@ def _load_safetensors(model: GPT, folder: Path, kind: str, source: Config) -> No
                 files[file] = stack.enter_context(open_safetensors(file))
             return files[file].get_slice(name)
 
-        for name, param in model.named_parameters():
+        for name, param in _base_parameters(model):
             hf_names, make, pos = origins.get(name, ((name,), None, 0))
             sources = [(n, headers[n][1][0]) for n in hf_names]
             slices = tuple(getattr(param, "shard_slices", ()))
@@ -309,7 +333,7 @@ def _load_step_folder(model: GPT, step_dir: Path, grid) -> None:
     metadata = reader.read_metadata().state_dict_metadata
     distributed = dist.is_available() and dist.is_initialized()
     same, repadded = {}, []
-    for name, param in model.named_parameters():
+    for name, param in _base_parameters(model):
         full = tuple(getattr(param, "full_shape", param.shape))
         if tuple(metadata[f"model.{name}"].size) != full:
             repadded.append((name, param))
@@ -326,3 +350,20 @@ def _load_step_folder(model: GPT, step_dir: Path, grid) -> None:
         real = max(0, min(param.shape[0], model.cfg.vocab_size - start))
         param.zero_()
         param[:real].copy_(whole[start:start + real])
+
+
+def _merge_lora_into(model: GPT, step_dir: Path, source: Config) -> None:
+    """Add the adapters of a LoRA checkpoint to the base weights just loaded from it, each rank
+    its own slice of every update."""
+    lora = read_lora(step_dir)
+    params = dict(model.named_parameters())
+    for name, (a, b) in adapted_weights(source).items():
+        if name in params:  # a pipeline stage holds only its blocks
+            param = params[name]
+            update = delta(source, lora[a], lora[b])[tuple(getattr(param, "shard_slices", ()))]
+            param.add_(update.to(param.device, param.dtype))
+
+
+def _base_parameters(model: GPT):
+    """The model's parameters other than its own LoRA adapters (which no base model holds)."""
+    return [(name, p) for name, p in model.named_parameters() if not is_lora(name)]

@@ -83,12 +83,19 @@ class Attention(nn.Module):
         self.window = cfg.sliding_window
         self.dropout_p = cfg.attention_dropout
         self.backend = "torch"
+        # A module mapping the input to low-rank updates (of q, of kv) added to both projections:
+        # one adapter over [q; kv], as over GPTBigCode's fused c_attn (starcoder.finetune.lora).
+        self.input_adapter = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache=None, document_ids: torch.Tensor | None = None, return_bias: bool = False):
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, -1, self.head_dim)
-        k, v = self.kv_proj(x).view(b, s, -1, 2, self.head_dim).unbind(3)
+        q, kv = self.q_proj(x), self.kv_proj(x)
+        if self.input_adapter is not None:
+            dq, dkv = self.input_adapter(x)
+            q, kv = q + dq, kv + dkv
+        q = q.view(b, s, -1, self.head_dim)
+        k, v = kv.view(b, s, -1, 2, self.head_dim).unbind(3)
         if rope is not None:
             q, k = ops.apply_rope(q, k, *rope, backend=self.backend)
         if cache is not None:  # decoding: attend over the cached keys and these, as it masks

@@ -52,6 +52,9 @@ def build_optimizer(model: nn.Module, cfg: Config, grid: Grid, device: torch.dev
         return torch.optim.AdamW(groups, **options)
     grad_dtype = torch.float32 if p.grad_reduce_in_fp32 else DTYPES[precision]
     params = [param for param in model.parameters() if param.requires_grad]  # definition order
+    for param in model.parameters():  # frozen (LoRA's base): no main weights, in the model dtype
+        if not param.requires_grad:
+            param.data = param.data.to(DTYPES[precision])
     buffer = GradBuffer.create(params, grid, grad_dtype, p.ddp_bucket_mb,
                                shard=p.distributed_optimizer)
     optimizer = DistributedOptimizer(buffer, groups, grid, DTYPES[precision],
@@ -71,7 +74,10 @@ def checkpoint_state(optimizer, model: nn.Module) -> tuple[dict, dict]:
     stores them: fp32, whole per parameter (this rank's tensor-parallel part). A checkpoint load
     writes into these tensors, then calls `restore_state`."""
     if isinstance(optimizer, DistributedOptimizer):
-        return optimizer.full_state(model)
+        weights, states = optimizer.full_state(model)
+        # Frozen parameters (LoRA's base) are outside the buffer: saved as the model holds them.
+        weights.update({n: p.detach() for n, p in model.named_parameters() if not p.requires_grad})
+        return weights, states
     return {n: p.detach() for n, p in model.named_parameters()}, optimizer_state(optimizer, model)
 
 
@@ -83,11 +89,12 @@ def restore_state(optimizer, model: nn.Module, weights: dict, states: dict) -> N
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, dict]:
-    """{parameter name: {"exp_avg": ..., "exp_avg_sq": ..., "step": ...}} of a plain AdamW. State
+    """{parameter name: {"exp_avg": ..., "exp_avg_sq": ..., "step": ...}} of a plain AdamW, for
+    the parameters it trains (frozen ones have none). State
     that does not exist yet (no step taken) is created first, so a checkpoint load has tensors to
     write into."""
     _materialize_state(optimizer)
-    return {name: optimizer.state[p] for name, p in model.named_parameters()}
+    return {name: optimizer.state[p] for name, p in model.named_parameters() if p.requires_grad}
 
 
 @torch.no_grad()

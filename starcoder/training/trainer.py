@@ -45,6 +45,7 @@ from starcoder.convert.weights import load_weights
 from starcoder.config import Config, ConfigError, UserError, accumulation_steps
 from starcoder.data import (build_train_loader, build_valid_loader, document_mask_enabled,
                             load_tokenizer, resolve_epochs)
+from starcoder.finetune.lora import apply_lora
 from starcoder.models.attention import check_window_dropout
 from starcoder.models.flops import model_flops_per_token
 from starcoder.models.gpt import GPT
@@ -136,7 +137,8 @@ def check_supported(cfg: Config) -> None:
 def build_model(cfg: Config, grid: Grid, device: torch.device) -> GPT:
     """The model for this rank: built on the meta device, split for tensor parallelism, cut to
     this rank's pipeline stages, then materialised and initialised (each full tensor drawn from
-    the seed, then sliced, so every layout starts from the same weights)."""
+    the seed, then sliced, so every layout starts from the same weights); with LoRA, frozen and
+    given adapters."""
     with torch.device("meta"):
         model = GPT(cfg.model, padded_vocab_size=cfg.model.padded_vocab_size(grid.tp))
         parallelize(model, grid)  # collective; nothing to do at tensor parallel 1
@@ -144,6 +146,8 @@ def build_model(cfg: Config, grid: Grid, device: torch.device) -> GPT:
             split_model(model, cfg.parallel, grid.pp_rank)
     materialize(model, device)
     init_weights(model, cfg.model, cfg.train.seed)
+    if cfg.finetune.lora_rank:  # frozen base (train.init_from fills it), trainable adapters
+        apply_lora(model, cfg, grid)
     model.set_kernels(cfg.model.kernels, device, DTYPES[resolve_precision(cfg.train, device)])
     if cfg.train.compile:
         model.compile()

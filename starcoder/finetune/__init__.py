@@ -1,0 +1,1 @@
+"""Fine-tuning on the pretraining stack: LoRA adapters (`starcoder.finetune.lora`)."""
