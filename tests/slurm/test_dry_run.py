@@ -96,8 +96,8 @@ MISTAKES = {
                           "data.tokenizer: /nonexistent/tokenizer.json not found"),
     "output not writable": ("starcoder2-3b", 16, [], ["train.output_dir={tmp}/a_file/run"],
                             "train.output_dir: {tmp}/a_file is not a folder"),
-    "memory over the GPU's": ("starcoder-15b", 64, ["--gpu-memory-gib", "24"], ["parallel.pipeline_parallel=4"],
-                              "train.micro_batch_size: the per-GPU memory estimate 30.8 GiB exceeds 24 GiB "
+    "memory over the GPU's": ("starcoder-15b", 64, ["--gpu-memory-gib", "16"], ["parallel.pipeline_parallel=4"],
+                              "train.micro_batch_size: the per-GPU memory estimate 25.1 GiB exceeds 16 GiB "
                               "(largest term: activations); lower it, set model.recompute, or see "
                               "`starcoder plan --nodes N` for layouts that fit"),
     "signal after the time limit": ("starcoder2-3b", 16, ["--time", "00:05:00"], [],

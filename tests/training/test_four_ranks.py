@@ -121,6 +121,8 @@ def _activation_grad_of_first_micro_batch(corpus, out, *sets):
     seen = []
 
     def watch(module, args, output):
+        if isinstance(output, tuple):  # (GEMM output, bias unapplied): the block fuses the add
+            output = output[0]
         output.register_hook(lambda g: seen.append((str(g.dtype), g.float().abs().mean().item())))
 
     handle = trainer.model.get_submodule("blocks.1.mlp.fc_out").register_forward_hook(watch)
