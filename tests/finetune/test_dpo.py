@@ -10,6 +10,7 @@ under the loss mask, and the DPO formula on them must give step 2's logged loss 
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -167,3 +168,19 @@ def test_preference_data_needs_dpo_and_dpo_needs_it(tiny_models, corpus, tmp_pat
     sft = make_sft_corpus(tmp_path / "sft", pairs=4)
     with pytest.raises(ConfigError, match=r"data\.paths\[0\].*not preference data"):
         Trainer(dpo_config(tiny_models["sc2"]["native"], sft, tmp_path / "b")).run(StopRequest())
+
+
+def test_a_resumed_run_recomputes_the_reference_and_logs_the_same(tiny_models, corpus, tmp_path):
+    native = tiny_models["sc2"]["native"]
+    sets = ("train.max_steps=4", "train.save_every=2", "train.lr=1e-3",
+            "finetune.dpo_reference=precomputed")
+    run(dpo_config(native, corpus, tmp_path / "whole", *sets))
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    (tmp_path / "resumed/checkpoints/latest").write_text("step_0000002\n")
+    shutil.rmtree(tmp_path / "resumed/checkpoints/step_0000004")
+    run(dpo_config(native, corpus, tmp_path / "resumed", *sets))  # the policy is not the reference
+    whole, resumed = metrics(tmp_path / "whole"), metrics(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(whole[2:], resumed[2:]):
+        for key in ("loss", *METRICS):
+            assert a[key] == b[key], (key, a[key], b[key])
