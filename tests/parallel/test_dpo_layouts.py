@@ -4,8 +4,9 @@ LoRA the trained adapters (1e-5).
 
 One 2-rank gloo world serves the module: TP 2 (the policy and the frozen reference both split,
 vocab-parallel log-probs), DP 2 (pairs split over ranks, the loss a mean over the global batch's
-pairs), DP 2 with the reference precomputed (its pass split over the ranks, then summed), and
-TP 2 with LoRA (the reference is the base under `adapters_off`). tiny-sc2 cut down to 2 layers
+pairs), DP 2 with the reference precomputed (its pass split over the ranks, then summed) and the
+distributed optimizer, and
+TP 2 with sequence parallelism and LoRA (the reference is the base under `adapters_off`). tiny-sc2 cut down to 2 layers
 x 64; two micro-batches per rank per step at DP 2 (gradient accumulation), four in one process.
 """
 
@@ -36,8 +37,9 @@ LORA = ["finetune.lora_rank=4", "finetune.lora_alpha=8",
         "finetune.lora_targets=[q_proj, kv_proj, out_proj, fc_in, fc_out]"]
 LAYOUTS = {"tp2": (["parallel.tensor_parallel=2"], []),
            "dp2": ([], []),
-           "dp2-precomputed": (["finetune.dpo_reference=precomputed"], []),
-           "tp2-lora": (["parallel.tensor_parallel=2"], LORA)}
+           "dp2-precomputed-distopt": (["finetune.dpo_reference=precomputed",
+                                        "parallel.distributed_optimizer=true"], []),
+           "tp2-sp-lora": (["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"], LORA)}
 TOL = 1e-6
 BETA = 0.1  # finetune.dpo_beta's default
 
