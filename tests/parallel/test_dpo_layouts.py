@@ -5,9 +5,9 @@ LoRA the trained adapters (1e-5).
 One 2-rank gloo world serves the module: TP 2 (the policy and the frozen reference both split,
 vocab-parallel log-probs), DP 2 (pairs split over ranks, the loss a mean over the global batch's
 pairs), DP 2 with the reference precomputed (its pass split over the ranks, then summed) and the
-distributed optimizer, and
-TP 2 with sequence parallelism and LoRA (the reference is the base under `adapters_off`). tiny-sc2 cut down to 2 layers
-x 64; two micro-batches per rank per step at DP 2 (gradient accumulation), four in one process.
+distributed optimizer, and TP 2 with sequence parallelism and LoRA (the reference is the base
+under `adapters_off`). tiny-sc2 cut down to 2 layers x 64; two micro-batches per rank per step
+at DP 2 (gradient accumulation), four in one process.
 """
 
 from __future__ import annotations
