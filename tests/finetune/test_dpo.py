@@ -184,3 +184,10 @@ def test_a_resumed_run_recomputes_the_reference_and_logs_the_same(tiny_models, c
     for a, b in zip(whole[2:], resumed[2:]):
         for key in ("loss", *METRICS):
             assert a[key] == b[key], (key, a[key], b[key])
+
+
+def test_epochs_count_pairs(corpus, tmp_path):
+    from starcoder.data import resolve_epochs
+
+    cfg = dpo_config("base", corpus, tmp_path, "train.epochs=2")
+    assert resolve_epochs(cfg).train.max_steps == 2 * 16 // 4  # 16 pairs, 4 a step
