@@ -185,8 +185,9 @@ class TrainConfig:
     # packed sequences) / global_batch_size), computed at start-up (train.max_steps is not used).
     epochs: Optional[int] = None
     # `lm`: loss on every token; `sft`: only on the tokens the fine-tuning data's loss mask marks
-    # (responses and their closing EOS).
-    objective: Literal["lm", "sft"] = "lm"
+    # (responses and their closing EOS); `dpo`: the sigmoid DPO loss on preference pairs
+    # (`--format preference` data; batch sizes count pairs; keys in the finetune section).
+    objective: Literal["lm", "sft", "dpo"] = "lm"
     # `token`: mean over the global batch's loss tokens; `example`: each example's mean over its
     # own loss tokens, then the mean over examples (OctoPack's norm_target_loss; fine-tuning data).
     loss_normalization: Literal["token", "example"] = "token"
@@ -244,6 +245,13 @@ class FinetuneConfig:
     # Projections to adapt: q_proj, kv_proj (together one adapter over [q; kv], GPTBigCode's
     # c_attn), out_proj, fc_in, fc_out. The default is Astraios' c_attn, c_proj (both).
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "kv_proj", "out_proj", "fc_out"])
+    # DPO (train.objective dpo): beta scales the implicit reward beta x (log pi - log pi_ref).
+    dpo_beta: float = 0.1
+    # cDPO's label smoothing e: the loss is -(1-e) log sigma(beta D) - e log sigma(-beta D).
+    dpo_label_smoothing: float = 0.0
+    # The reference policy: `frozen` runs the initial model (with LoRA, the base without adapters)
+    # beside the policy; `precomputed` runs it once over the training pairs before step 1.
+    dpo_reference: Literal["frozen", "precomputed"] = "frozen"
 
 
 def _check_finetune(cfg: "Config", need) -> None:
@@ -259,6 +267,17 @@ def _check_finetune(cfg: "Config", need) -> None:
         need(bool(f.lora_targets), "finetune.lora_targets", "empty: LoRA needs at least one projection")
         need(cfg.train.init_from is not None, "finetune.lora_rank",
              "LoRA adapts a trained model: set train.init_from to the base model")
+    need(f.dpo_beta > 0, "finetune.dpo_beta", f"must be positive, got {f.dpo_beta}")
+    need(0.0 <= f.dpo_label_smoothing < 0.5, "finetune.dpo_label_smoothing",
+         f"must be in [0, 0.5), got {f.dpo_label_smoothing}")
+    if cfg.train.objective == "dpo":
+        need(not cfg.data.pack, "data.pack", "train.objective dpo reads each pair as two padded "
+             "rows (chosen, rejected); packing is not available, set false")
+        need(cfg.parallel.pipeline_parallel == 1, "parallel.pipeline_parallel",
+             "train.objective dpo is not available under pipeline parallelism (the schedule's loss "
+             "is per token, DPO's per pair); use 1")
+        need(cfg.train.loss_normalization == "token", "train.loss_normalization",
+             "train.objective dpo averages over pairs; leave it at token")
 
 
 @dataclass

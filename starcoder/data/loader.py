@@ -8,6 +8,7 @@ max_steps * global_batch_size) in epoch j // N; FIM draws are keyed on (seed, sp
 
 Fine-tuning data (sources with a loss mask) is read as rows of examples instead
 (starcoder.data.packing), in the same order: stream position j is row j % R of epoch j // R.
+Under `train.objective dpo` a position is a preference pair (two rows).
 With document masking (`data.document_mask`) a micro-batch also carries "document_ids".
 """
 
@@ -28,7 +29,8 @@ from starcoder.config import Config, ConfigError, UserError, accumulation_steps
 from starcoder.data.binding import check_tokenizer, recorded
 from starcoder.data.dataset import BlendedSamples, IndexCache, blended_samples, writable_dir
 from starcoder.data.fim import FimTransform, sample_rng
-from starcoder.data.packing import ExampleBatches, example_rows, loss_mask_prefix
+from starcoder.data.packing import (ExampleBatches, PairBatches, example_rows, loss_mask_prefix,
+                                    preference_pairs)
 from starcoder.data.tokenizer import MissingTokenError, Tokenizer
 
 TRAIN, VALID = 0, 1
@@ -162,7 +164,8 @@ def _fim(cfg: Config, tokenizer: Tokenizer) -> Optional[FimTransform]:
 
 def is_finetune_data(cfg: Config) -> bool:
     """Whether `data.paths` is fine-tuning data (every source has a loss mask) or pretraining
-    data (none has); a mixture, or preference pairs, is a ConfigError."""
+    data (none has); a mixture, or preference pairs without `train.objective dpo` (or dpo
+    without them), is a ConfigError."""
     d = cfg.data
     if not d.paths:
         return False
@@ -173,11 +176,13 @@ def is_finetune_data(cfg: Config) -> bool:
                           "pretraining data; train on one kind at a time")
     if not any(masked):
         return False
+    dpo = cfg.train.objective == "dpo"
     for i, s in enumerate(d.paths):
-        if recorded(s.path).get("format") == "preference":
+        if (recorded(s.path).get("format") == "preference") != dpo:
             raise ConfigError(f"data.paths[{i}]: {s.path} holds preference pairs (--format "
-                              "preference), which only a DPO objective reads; train.objective "
-                              "dpo does not exist yet")
+                              "preference), which only train.objective dpo reads" if not dpo else
+                              f"data.paths[{i}]: {s.path} is not preference data (starcoder "
+                              "preprocess --format preference), which train.objective dpo needs")
         if s.weight != 1.0:
             raise ConfigError(f"data.paths[{i}].weight: fine-tuning sources are concatenated, each "
                               f"example once per epoch; weights are not supported (got {s.weight})")
@@ -201,7 +206,7 @@ def check_objective(cfg: Config, finetune: bool) -> None:
             raise ConfigError("data.fim_rate: fill-in-the-middle applies to pretraining data, not "
                               "to fine-tuning examples; set 0")
         return
-    for key, value, used in (("train.objective", t.objective, t.objective == "sft"),
+    for key, value, used in (("train.objective", t.objective, t.objective in ("sft", "dpo")),
                              ("train.loss_normalization", t.loss_normalization,
                               t.loss_normalization == "example"),
                              ("train.epochs", t.epochs, t.epochs is not None)):
@@ -214,8 +219,11 @@ def check_objective(cfg: Config, finetune: bool) -> None:
 
 
 def _rows_for(cfg: Config, split: int):
+    """The split's examples and its rows (preference pairs under `train.objective dpo`)."""
     d, t = cfg.data, cfg.train
     try:
+        if t.objective == "dpo":
+            return preference_pairs([s.path for s in d.paths], d.split, split, t.seq_length)
         return example_rows([s.path for s in d.paths], d.split, split, t.seq_length, d.pack, t.seed,
                             t.objective == "sft")
     except (FileNotFoundError, ValueError) as err:  # a missing or unreadable .bin/.idx
@@ -277,6 +285,8 @@ def _build(cfg: Config, tokenizer: Tokenizer, split: int, num_samples: int):
         examples, rows = _rows_for(cfg, split)
         if not len(rows):
             return None
+        if t.objective == "dpo":
+            return PairBatches(examples, rows, t.seq_length, t.seed, split, tokenizer.eod_id)
         return ExampleBatches(examples, rows, t.seq_length, t.seed, split, tokenizer.eod_id,
                               t.objective == "sft", t.loss_normalization == "example", documents)
     fim = _fim(cfg, tokenizer)
@@ -289,6 +299,14 @@ def _build(cfg: Config, tokenizer: Tokenizer, split: int, num_samples: int):
         raise ConfigError(f"data.mask_fim_pad_loss: {err}") from None
     return MicroBatches(samples, cfg.train.seq_length, fim, cfg.train.seed, split, tokenizer.eod_id,
                         pad, cfg.data.mask_eod_loss, cfg.data.mask_fim_pad_loss, documents)
+
+
+def build_pair_dataset(cfg: Config, tokenizer: Tokenizer) -> PairBatches:
+    """The training split's preference pairs (`train.objective dpo`), to read by pair number."""
+    dataset = _build(cfg, tokenizer, TRAIN, 0)
+    if dataset is None:
+        raise ConfigError(f"data.split: {cfg.data.split!r} leaves no training pairs")
+    return dataset
 
 
 def build_train_loader(cfg: Config, tokenizer: Tokenizer, *, dp_rank: int, dp_size: int,

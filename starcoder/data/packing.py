@@ -22,6 +22,9 @@ boundaries. With `train.loss_normalization example` the mask holds 1 / (the exam
 tokens) instead, so the trainer's normalisation by the mask's sum averages examples. With document
 masking it also has "document_ids" (int64 [micro, seq+1], nondecreasing: examples 0, 1, ... in
 row order, the padding one id more).
+
+Preference data (`train.objective dpo`) is read as pairs instead (`PairBatches`): never packed, a
+micro-batch of m pairs is 2m padded rows, chosen and rejected side by side.
 """
 
 from __future__ import annotations
@@ -92,9 +95,11 @@ def place(lengths: np.ndarray, width: int, pack: bool, seed: int, split: int) ->
 
 
 class Examples:
-    """The examples of one split of the fine-tuning sources, numbered in source order."""
+    """The examples of one split of the fine-tuning sources, numbered in source order. With
+    `pairs` (preference data) the split divides pairs, so examples 2k and 2k + 1 are the chosen and
+    rejected sequences of pair k."""
 
-    def __init__(self, prefixes: list[str], split_spec: str, split: int):
+    def __init__(self, prefixes: list[str], split_spec: str, split: int, pairs: bool = False):
         self.tokens, self.masks, self.source, self.sequence = [], [], [], []
         for s, prefix in enumerate(prefixes):
             data = IndexedTokens(prefix)
@@ -102,7 +107,10 @@ class Examples:
             if not np.array_equal(np.asarray(mask.sizes), np.asarray(data.sizes)):
                 raise ValueError(f"{mask.prefix}: its sizes differ from {prefix}'s tokens; "
                                  "preprocess the data again")
-            first, last = split_ranges(split_spec, len(data))[split]
+            if pairs:
+                first, last = (2 * b for b in split_ranges(split_spec, len(data) // 2)[split])
+            else:
+                first, last = split_ranges(split_spec, len(data))[split]
             self.tokens.append(data)
             self.masks.append(mask)
             self.source.append(np.full(last - first, s, dtype=np.int64))
@@ -205,3 +213,86 @@ class ExampleBatches(torch.utils.data.Dataset):
         if self.document_ids:
             batch["document_ids"] = torch.from_numpy(docs)
         return batch
+
+
+# --------------------------------------------------------------------------------------------
+# Preference pairs (train.objective dpo)
+
+
+@dataclass
+class Pairs:
+    """The pairs of a split that keep a loss token in both sequences after truncation to the row
+    (`kept[k]`: the pair number in `Examples`; examples 2 kept[k] and 2 kept[k] + 1)."""
+
+    kept: np.ndarray  # int64
+    truncated: int  # pairs with a sequence longer than the row
+    dropped: int  # of those, pairs left without a loss token in either sequence
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+
+@functools.lru_cache(maxsize=4)
+def _pairs(key: tuple, prefixes: tuple, split_spec: str, split: int, width: int
+           ) -> tuple[Examples, Pairs]:
+    examples = Examples(list(prefixes), split_spec, split, pairs=True)
+    lengths = examples.lengths().reshape(-1, 2)
+    long = np.flatnonzero((lengths > width).any(axis=1))
+    keep = np.ones(len(lengths), dtype=bool)
+    for k in long.tolist():
+        keep[k] = all(np.any(examples.get(2 * k + s)[1][1:width]) for s in (0, 1))
+    pairs = Pairs(np.flatnonzero(keep), len(long), int(len(keep) - keep.sum()))
+    if pairs.truncated:
+        log.warning("%d of %d preference pairs have a sequence longer than train.seq_length + 1 "
+                    "(%d tokens): truncated to it; %d of them kept no loss token and were dropped",
+                    pairs.truncated, len(keep), width, pairs.dropped)
+    return examples, pairs
+
+
+def preference_pairs(prefixes: list[str], split_spec: str, split: int, seq_length: int
+                     ) -> tuple[Examples, Pairs]:
+    """The preference pairs of a split (cached per process)."""
+    key = tuple(tuple(sorted((k, str(v)) for k, v in file_identity(p).items())) for p in prefixes)
+    return _pairs(key, tuple(prefixes), split_spec, split, seq_length + 1)
+
+
+class PairBatches(torch.utils.data.Dataset):
+    """Micro-batches of preference pairs: stream position j is pair `perm_e[j % P]` of epoch
+    e = j // P (shuffled as `ExampleBatches` shuffles rows), and a micro-batch of m positions has
+    2m rows, the chosen sequence of its b-th pair in row 2b and the rejected one in row 2b + 1,
+    each padded with EOD. Besides "tokens" and "loss_mask" (the stored mask) it has "pair_index"
+    (int64 [m], the pair's number in the split: what a precomputed reference is keyed by)."""
+
+    def __init__(self, examples: Examples, pairs: Pairs, seq_length: int, seed: int, split: int,
+                 eod: int):
+        self.examples, self.pairs, self.width = examples, pairs, seq_length + 1
+        self.seed, self.split, self.eod = seed, split, eod
+        self._epoch, self._perm = -1, None
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, self.split, 2, epoch]).permutation(len(self.pairs))
+            self._epoch = epoch
+        return self._perm
+
+    def __getitem__(self, positions: list[int]) -> dict:
+        n = len(self.pairs)
+        return self.batch([int(self.order(j // n)[j % n]) for j in positions])
+
+    def batch(self, pair_index: list[int]) -> dict:
+        """The micro-batch of these pairs (numbers in the split)."""
+        rows, width = 2 * len(pair_index), self.width
+        tokens = np.full((rows, width), self.eod, dtype=np.int64)
+        target = np.zeros((rows, width), dtype=np.float32)
+        for b, k in enumerate(pair_index):
+            for s in (0, 1):
+                ids, mask = self.examples.get(2 * int(self.pairs.kept[k]) + s)
+                length = min(len(ids), width)
+                tokens[2 * b + s, :length] = ids[:length]
+                target[2 * b + s, :length] = mask[:length]
+        return {"tokens": torch.from_numpy(tokens),
+                "loss_mask": torch.from_numpy(np.ascontiguousarray(target[:, 1:])),
+                "pair_index": torch.tensor(pair_index, dtype=torch.int64)}

@@ -11,7 +11,9 @@ micro-batches and 2 processes x 2 give the same numbers. Then the global gradien
 clipped and AdamW steps. The loss mask is what the loader gives: ones for pretraining, the
 stored mask for `train.objective: sft`, or per-example weights (1 / the example's loss tokens)
 for `train.loss_normalization: example`, which makes the same normalisation a mean over examples.
-A micro-batch with "document_ids" (document masking) passes them to the model.
+A micro-batch with "document_ids" (document masking) passes them to the model. Under
+`train.objective: dpo` (starcoder.finetune.dpo) the loss is per pair instead: the same weighting
+with pairs for tokens, so it is the mean over the global batch's pairs.
 
 Everything a resumed run needs is in the checkpoint: weights, Adam state, RNG states and the JSON
 `TrainState` (step, consumed samples; the learning rate is a function of the step, and the data
@@ -45,6 +47,8 @@ from starcoder.convert.weights import load_weights
 from starcoder.config import Config, ConfigError, UserError, accumulation_steps
 from starcoder.data import (build_train_loader, build_valid_loader, document_mask_enabled,
                             load_tokenizer, resolve_epochs)
+from starcoder.data.loader import build_pair_dataset
+from starcoder.finetune.dpo import DPO, dpo_config
 from starcoder.finetune.lora import apply_lora
 from starcoder.models.attention import check_window_dropout
 from starcoder.models.flops import model_flops_per_token
@@ -170,6 +174,8 @@ class Trainer:
     def __init__(self, cfg: Config):
         check_supported(cfg)
         cfg = resolve_epochs(cfg)  # train.epochs -> train.max_steps, from the data's size
+        if cfg.train.objective == "dpo":
+            cfg = dpo_config(cfg)
         check_logging(cfg)
         self.cfg, t = cfg, cfg.train
         self.device = resolve_device(t.device)
@@ -201,6 +207,9 @@ class Trainer:
             except UserError as err:
                 raise ConfigError(f"train.init_from: {err}") from None
             log.info("initialised weights from %s", t.init_from)
+        self.dpo = None
+        if t.objective == "dpo":  # the reference is the initial policy, also after a resume
+            self.dpo = DPO(cfg, self.model, self._initial_model, self.device)
         self.optimizer = build_optimizer(self.model, cfg, self.grid, self.device, self.precision)
         self.scaler = LossScaler.for_precision(self.precision, t)
         self.state = TrainState()
@@ -236,11 +245,22 @@ class Trainer:
                 bucket_cap_mb=cfg.parallel.ddp_bucket_mb, gradient_as_bucket_view=True)
             self.ddp.register_comm_hook(self, _sum_gradients)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.tokens_per_step = t.global_batch_size * t.seq_length
+        self.tokens_per_step = t.global_batch_size * t.seq_length * (2 if self.dpo else 1)
         self.flops_per_token = model_flops_per_token(cfg.model, t.seq_length)
         self.peak = peak_tflops(self.device, cfg.log.peak_tflops)
         self.logger = MetricsLogger(cfg, self.run_dir, self.rank0, self.state.step)
         self.profiler = StepProfiler(t.profile_steps, self.run_dir, self.device, self.grid.rank)
+        self.step_metrics: dict = {}  # extra metrics of the last step (DPO's)
+
+    def _initial_model(self) -> GPT:
+        """The model as step 1 starts it: built from the seed, then `train.init_from`."""
+        model = build_model(self.cfg, self.grid, self.device)
+        if self.cfg.train.init_from:
+            try:
+                load_weights(model, self.cfg.train.init_from, self.grid)
+            except UserError as err:
+                raise ConfigError(f"train.init_from: {err}") from None
+        return model
 
     def run(self, stop: StopRequest) -> TrainState:
         cfg, t, state = self.cfg, self.cfg.train, self.state
@@ -250,6 +270,10 @@ class Trainer:
                              f"{self.grid.world_size} process(es) on {self.device.type}, "
                              f"{self.accum} micro-batch(es) of {t.micro_batch_size} per rank per "
                              f"step, {self.precision}, output in {self.run_dir}")
+        if self.dpo is not None and cfg.finetune.dpo_reference == "precomputed":
+            self.dpo.precompute(build_pair_dataset(cfg, self.tokenizer), t.micro_batch_size,
+                                self.grid.dp_rank, self.grid.dp,
+                                self.grid.group("dp") if self.grid.dp > 1 else None)
         batches = iter(build_train_loader(cfg, self.tokenizer, dp_rank=self.grid.dp_rank,
                                           dp_size=self.grid.dp,
                                           consumed_samples=state.consumed_samples))
@@ -279,7 +303,8 @@ class Trainer:
     def train_step(self, micro_batches: list[dict], lr: float) -> tuple[float, float]:
         """One optimizer step over the global batch; returns (loss, grad norm), both the same on
         every rank; non-finite values mean the step was skipped."""
-        mask_sum = sum(float(mb["loss_mask"].sum()) for mb in micro_batches)
+        mask_sum = sum(float(mb["loss_mask"].sum()) if self.dpo is None else len(mb["pair_index"])
+                       for mb in micro_batches)  # DPO: pairs for tokens
         count = self._dp_sum(torch.tensor([mask_sum], dtype=torch.float64, device=self.device)).item()
         # Each rank's own share: dividing the scale by the global count instead flushed 43% of
         # fp16 logit gradients to zero at StarCoder2-15B shapes (0.5% this way).
@@ -292,6 +317,8 @@ class Trainer:
         else:
             loss_sum = self._forward_backward_pipeline(micro_batches, scale)
         loss = self._dp_sum(loss_sum) / max(count, 1.0)
+        if self.dpo is not None:
+            self.step_metrics = self.dpo.metrics(self._dp_sum, count)
         if self.buffered:
             self.optimizer.buffer.finish_grad_sync()
         if self.grid.tp > 1:
@@ -318,7 +345,8 @@ class Trainer:
             sync = contextlib.nullcontext() if last or self.ddp is self.model else self.ddp.no_sync()
             with sync:
                 losses = self.ddp(tokens[:, :-1], tokens[:, 1:], **self._documents(mb))
-                summed = (losses * mask).sum()
+                summed = ((losses * mask).sum() if self.dpo is None
+                          else self.dpo.loss_sum(losses, mb, tokens, mask))
                 (summed * scale).backward()
             loss_sum += summed.detach()
         return loss_sum
@@ -413,6 +441,7 @@ class Trainer:
             "mem_gib": peak_memory_gib(self.device),
             "skipped_steps": state.skipped_steps,
             "loss_scale": self.scaler.scale,
+            **self.step_metrics,  # DPO's, of the logged step itself
         })
         state.interval_loss, state.interval_steps = 0.0, 0
         self._restart_interval()

@@ -50,6 +50,24 @@ def make_sft_corpus(folder: Path, pairs: int = 24) -> str:
     return prefix
 
 
+def make_preference_corpus(folder: Path, pairs: int = 16) -> str:
+    """Prefix of a small preference dataset (`--format preference`): a short prompt, a chosen
+    and a rejected response of standard-library code (6 to 21 characters), so both fit a 33-token
+    row."""
+    from starcoder.data import preprocess_corpus
+
+    folder.mkdir(parents=True, exist_ok=True)
+    code = "\n".join(p.read_text(errors="replace") for p in stdlib_sources(2))
+    with open(folder / "prefs.jsonl", "w") as f:
+        for i in range(pairs):
+            f.write(json.dumps({"prompt": f"Go on {i}", "chosen": code[i * 89:i * 89 + 6 + i],
+                                "rejected": code[i * 53 + 7:i * 53 + 13 + i // 2]}) + "\n")
+    prefix = str(folder / "prefs")
+    preprocess_corpus([folder / "prefs.jsonl"], "builtin:tiny", prefix, fmt="preference",
+                      template="Q: {instruction}\nA: {response}", progress=False)
+    return prefix
+
+
 def tiny_config(corpus: str, out: Path, *overrides: str) -> Config:
     return load_config("tiny-sc2", [*TINY, f"data.paths=[{corpus}]", f"train.output_dir={out}",
                                     *overrides])

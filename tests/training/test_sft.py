@@ -94,7 +94,7 @@ def test_epochs_and_warmup_ratio_set_the_run(sft_corpus, tmp_path):
     (["train.warmup_ratio=1.0"], r"train.warmup_ratio: must be in \[0, 1\)"),
     (["train.epochs=0"], "train.epochs: must be at least 1"),
     (["train.lr=1e-5"], r"train.min_lr: 3e-05 must be in \[0, train.lr \(1e-05\)\]"),
-    (["train.objective=dpo"], "train.objective: 'dpo' is not one of lm | sft"),
+    (["train.objective=ppo"], "train.objective: 'ppo' is not one of lm | sft | dpo"),
     (["train.loss_normalization=sequence"], "train.loss_normalization: 'sequence' is not one of"),
 ])
 def test_schedule_and_objective_keys_are_validated(overrides, message):
