@@ -126,6 +126,7 @@ def preprocess_corpus(inputs: Union[str, Path, Iterable], tokenizer_spec: str, o
                       commit_markers: str = "tokens", chunk_bytes: int = 1 << 20,
                       progress: Optional[bool] = None) -> PreprocessReport:
     """See `starcoder.data.preprocess_corpus`."""
+    _check_format_options(fmt, meta_prob, template, chat_template)
     start = time.perf_counter()
     files = list_input_files(inputs)
     tokenizer = load_tokenizer(tokenizer_spec)
@@ -596,3 +597,16 @@ def _tokenize(chunks: Iterator[list], tokenizer: Tokenizer, spec: str, eod: int,
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+
+
+# The formats each option means something for: given with another, it would be silently ignored.
+_OPTION_FORMATS = {"--meta-prob": ("sc1-meta", "sc2-repo", "commit"),
+                   "--template": ("instruct", "preference"), "--chat-template": ("chat",)}
+
+
+def _check_format_options(fmt: str, meta_prob, template, chat_template) -> None:
+    given = {"--meta-prob": meta_prob, "--template": template, "--chat-template": chat_template}
+    for option, value in given.items():
+        if value is not None and fmt not in _OPTION_FORMATS[option]:
+            raise UserError(f"{option}: not used by --format {fmt} (only by "
+                            f"{', '.join(_OPTION_FORMATS[option])})")

@@ -212,3 +212,16 @@ def test_workers_give_byte_identical_files(tmp_path):
                           commit_markers="text", workers=workers, chunk_bytes=200, progress=False)
     for suffix in (".bin", ".idx", "_loss_mask.bin", "_loss_mask.idx"):
         assert (tmp_path / f"w1{suffix}").read_bytes() == (tmp_path / f"w2{suffix}").read_bytes()
+
+
+@pytest.mark.parametrize("fmt, option, value", [("instruct", "meta_prob", 0.3), ("chat", "meta_prob", 0.3),
+                                                ("plain", "template", "{instruction}{response}"),
+                                                ("instruct", "chat_template", "{{ messages }}")])
+def test_an_option_the_format_does_not_use_is_refused(tmp_path, fmt, option, value):
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"instruction": "a", "response": "b", "content": "c"}) + "\n")
+    flag = "--" + option.replace("_", "-")
+    with pytest.raises(UserError, match=f"^{flag}: not used by --format {fmt} "):
+        preprocess_corpus([path], "builtin:tiny", str(tmp_path / "out"), fmt=fmt, progress=False,
+                          **{option: value})
+    assert not list(tmp_path.glob("out*"))  # nothing written
