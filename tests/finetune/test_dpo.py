@@ -25,7 +25,7 @@ from starcoder.finetune.dpo import METRICS
 from starcoder.models.gpt import GPT
 from starcoder.training.signals import StopRequest
 from starcoder.training.trainer import Trainer
-from tests.training.helpers import make_preference_corpus, metrics
+from tests.training.helpers import make_preference_corpus, metrics, run_trainer as run
 
 REL = 1e-5
 BETA, SMOOTHING = 0.1, 0.1
@@ -42,16 +42,6 @@ def dpo_config(base, corpus, out, *overrides):
         "data.fim_rate=0", "data.split=100,0,0", "model.hidden_dropout=0.1",
         "log.every=1", "log.tensorboard=false", "log.progress_bar=false", "data.num_workers=0",
         *overrides])
-
-
-def run(cfg) -> Trainer:
-    trainer = Trainer(cfg)
-    try:
-        with StopRequest() as stop:
-            trainer.run(stop)
-    finally:
-        trainer.close()
-    return trainer
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,7 @@ from starcoder.convert.lora import is_lora, lora_shapes
 from starcoder.finetune.lora import adapters_off, apply_lora
 from starcoder.generation.load import load_generator
 from starcoder.models.gpt import GPT
-from starcoder.training.signals import StopRequest
-from starcoder.training.trainer import Trainer
-from tests.training.helpers import losses, make_corpus
+from tests.training.helpers import losses, make_corpus, run_trainer
 
 peft = pytest.importorskip("peft")
 
@@ -47,14 +45,8 @@ def lora_config(family, base, corpus, out, *overrides):
         *overrides])
 
 
-def run(cfg) -> Trainer:
-    trainer = Trainer(cfg)
-    try:
-        with StopRequest() as stop:
-            trainer.run(stop)
-    finally:
-        trainer.close()
-    return trainer.model.eval()
+def run(cfg) -> torch.nn.Module:
+    return run_trainer(cfg).model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -76,15 +76,9 @@ def copies_identical(tensors_by_param, g) -> bool:
 def trained_parameters(cfg) -> dict:
     """Train `cfg` on this rank (the trainer itself) and return its trained parameters:
     {name: (full shape, this rank's slices as (start, stop) pairs, tensor)}."""
-    from starcoder.training.signals import StopRequest
-    from starcoder.training.trainer import Trainer
+    from tests.training.helpers import run_trainer
 
-    trainer = Trainer(cfg)
-    try:
-        with StopRequest() as stop:
-            trainer.run(stop)
-    finally:
-        trainer.close()
+    trainer = run_trainer(cfg)
     out = {}
     for name, p in trainer.model.named_parameters():
         shape = tuple(getattr(p, "full_shape", p.shape))

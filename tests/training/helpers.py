@@ -91,3 +91,17 @@ def losses(run_dir: Path) -> list[float]:
 
 def close(a: list[float], b: list[float], tol: float) -> bool:
     return len(a) == len(b) and all(math.isclose(x, y, rel_tol=0, abs_tol=tol) for x, y in zip(a, b))
+
+
+def run_trainer(cfg: Config):
+    """A `Trainer` built from `cfg`, run to `train.max_steps` and closed (the model stays usable)."""
+    from starcoder.training.signals import StopRequest
+    from starcoder.training.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        with StopRequest() as stop:
+            trainer.run(stop)
+    finally:
+        trainer.close()
+    return trainer
