@@ -49,6 +49,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         return flash_attention(q, k, v, causal=causal, window=window, scale=scale,
                                document_ids=document_ids)
     if document_ids is not None:
+        if q.is_cuda and dropout_p == 0.0:  # Flex has no dropout: with it, the [s, s] mask
+            return document_flex_attention(q, k, v, document_ids, causal, window, scale)
         return masked_attention(q, k, v, document_mask(document_ids, causal, window), scale,
                                 dropout_p)
     return sdpa_attention(q, k, v, causal, window, scale, dropout_p)
@@ -113,6 +115,26 @@ def _flex_block_mask(build_mask, seq_q: int, seq_k: int, window: int, causal: bo
         return near & (kv_idx <= i) if causal else near & ((kv_idx - i) < window)
 
     return build_mask(allowed, None, None, seq_q, seq_k, device=device)
+
+
+def document_flex_attention(q, k, v, document_ids, causal=True, window=None, scale=None):
+    """Packed-document attention through FlexAttention (CUDA's fallback without the Triton
+    kernel): the mask of `document_mask` as a mask_mod over the ids, its BlockMask built per call
+    (the ids change with every batch), compiled, so blocks of other documents are skipped and no
+    [s, s] tensor exists."""
+    seq = q.shape[1]
+    attend, build_mask = _flex_functions()
+    w = window or seq
+
+    def allowed(b, h, q_idx, kv_idx):
+        near = (document_ids[b, q_idx] == document_ids[b, kv_idx]) & ((q_idx - kv_idx) < w)
+        return near & (kv_idx <= q_idx) if causal else near & ((kv_idx - q_idx) < w)
+
+    block_mask = build_mask(allowed, document_ids.shape[0], None, seq, seq, device=q.device)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    out = attend(qt, kt, vt, block_mask=block_mask, scale=scale,
+                 enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
 
 
 def masked_attention(q, k, v, mask: torch.Tensor, scale=None, dropout_p: float = 0.0):

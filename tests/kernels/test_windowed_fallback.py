@@ -86,3 +86,26 @@ def test_planner_takes_flex_for_the_cuda_fallback():
     assert attention_path(load_config("tiny-sc2", [])) == "flash"
     with pytest.raises(ConfigError, match="model.attention_dropout"):
         plan_layout(load_config("tiny-sc2", ["model.kernels=torch", "model.attention_dropout=0.1"]))
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("kv_heads, window", [(1, None), (2, 5)], ids=["mqa-causal", "gqa-window"])
+def test_document_flex_fallback_equals_the_document_mask(eager_flex, kv_heads, window):
+    """Packed documents on CUDA without the Triton kernel: Flex with the ids as a mask_mod equals
+    SDPA with `document_mask` (lengths 1, 9, 140 and 20: one document crosses a 128-block)."""
+    from starcoder.models.attention import document_flex_attention, document_mask
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.tensor([[0] * 1 + [1] * 9 + [2] * 140 + [3] * 20,
+                        [0] * 170]).to(DEVICE)
+    q, k, v = (torch.randn(2, 170, h, 16, generator=g).to(DEVICE).requires_grad_()
+               for h in (4, kv_heads, kv_heads))
+    out = document_flex_attention(q, k, v, ids, causal=True, window=window, scale=0.3)
+    ref = masked_attention(q, k, v, document_mask(ids, True, window), scale=0.3)
+    seed = torch.randn(out.shape, generator=g).to(DEVICE)
+    grads = torch.autograd.grad(out, (q, k, v), seed)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), seed)
+    tol = TOLERANCE[torch.float32]
+    assert_close(out, ref, tol, "output")
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert_close(a, b, tol, f"d{name}")
