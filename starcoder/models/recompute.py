@@ -3,7 +3,7 @@
 - `none`: every op saves what its backward needs.
 - `selective`: op-level selective activation checkpointing, as torchtitan does it. Each block runs
   under `torch.utils.checkpoint` with a policy: the outputs of the ops named in `SAVED_OPS` (the
-  GEMMs and attention) are kept from the forward; every other op of the block (LayerNorm, GeLU,
+  GEMMs and attention, FlexAttention included) are kept from the forward; every other op of the block (LayerNorm, GeLU,
   bias adds, dropout masks, RoPE, residual adds, the tensor-parallel collectives) runs again in
   backward, from the block input and those outputs. Attention and the GEMMs never run twice.
 - `full`: whole blocks recompute from their input (one [batch, seq, hidden] tensor per block).
@@ -53,6 +53,8 @@ def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     """Save the outputs of `SAVED_OPS`, recompute everything else."""
     schema = getattr(op, "_schema", None)  # higher-order ops have none
     if schema is not None and schema.name in SAVED_OPS:
+        return CheckpointPolicy.MUST_SAVE
+    if op is torch.ops.higher_order.flex_attention:  # CUDA's window / packed-document fallback
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

@@ -109,3 +109,35 @@ def test_document_flex_fallback_equals_the_document_mask(eager_flex, kv_heads, w
     assert_close(out, ref, tol, "output")
     for name, a, b in zip("qkv", grads, ref_grads):
         assert_close(a, b, tol, f"d{name}")
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_selective_recompute_keeps_the_flex_output(eager_flex, monkeypatch):
+    """`model.recompute: selective` saves FlexAttention's output as it saves SDPA's: its forward
+    runs once per step (eager Flex, its dense implementation counted; the compiled CUDA path is
+    not measured here), and the gradients equal a run without recomputation."""
+    import sys
+
+    from torch.utils.checkpoint import checkpoint
+
+    from starcoder.models import recompute
+
+    if DEVICE.type == "cuda":
+        pytest.skip("counts the eager implementation; CUDA runs compiled Flex")
+    dense = sys.modules["torch._higher_order_ops.flex_attention"]
+    forwards = []
+    original = dense.math_attention
+    monkeypatch.setattr(dense, "math_attention", lambda *a, **k: forwards.append(1) or original(*a, **k))
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 40, h, 16, generator=g).requires_grad_() for h in (4, 2, 2))
+
+    def block(q, k, v):
+        return windowed_flex_attention(q.sin(), k, v, causal=True, window=9).cos()
+
+    plain = torch.autograd.grad(block(q, k, v).sum(), (q, k, v))
+    forwards.clear()
+    out = checkpoint(block, q, k, v, use_reentrant=False, context_fn=recompute._selective_contexts)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert len(forwards) == 1
+    for a, b in zip(grads, plain):
+        torch.testing.assert_close(a, b)
