@@ -7,6 +7,7 @@ dedup a list in memory, so datasketch does it here."""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Callable
 
 from datasketch import MinHash, MinHashLSH
@@ -21,11 +22,19 @@ def shingles(text: str, ngram: int) -> set[bytes]:
     return {" ".join(tokens[i:i + ngram]).encode() for i in range(len(tokens) - ngram + 1)}
 
 
+@lru_cache(maxsize=None)
+def _bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """datasketch's (bands, rows) for the threshold; found by numerical integration, which costs
+    more than deduplicating a small shard, so once per setting."""
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    return lsh.b, lsh.r
+
+
 def near_duplicates(records: list[dict], text: Callable[[dict], str], threshold: float,
                     num_perm: int, ngram: int, seed: int = 1) -> list[bool]:
     """For each record, whether an earlier kept record is a near duplicate (estimated Jaccard of
     the shingle sets at or above `threshold`, through LSH candidates)."""
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    lsh = MinHashLSH(num_perm=num_perm, params=_bands(threshold, num_perm))
     duplicate = []
     for i, record in enumerate(records):
         m = MinHash(num_perm=num_perm, seed=seed)
