@@ -20,7 +20,8 @@ class StageReport:
     extra: dict = field(default_factory=dict)
 
     def drop(self, reason: str, n: int = 1) -> None:
-        self.drops[reason] += n
+        if n:  # reasons that dropped nothing stay out of the report
+            self.drops[reason] += n
 
     def check(self) -> None:
         """The counts must add up; a stage that loses a record without a reason is a bug."""
