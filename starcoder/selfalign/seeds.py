@@ -8,6 +8,7 @@ adds imports with `autoimport`, which is what makes its import rule bite)."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -20,6 +21,8 @@ BANNED_WORDS = ("todo", "fixme", "bug")
 BANNED_IMPORTS = ("argparse", "os", "subprocess", "sys", "setuptools", "distutils", "matplotlib",
                   "seaborn")
 MAX_LINES = 150
+# ast's line breaks; str.splitlines also breaks at form feeds and others, shifting line numbers.
+LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 def read_sources(paths: Iterable[str | Path]) -> list[dict]:
@@ -50,7 +53,7 @@ def extract_functions(content: str, path: str = "") -> list[dict]:
     """`{"seed", "path", "name", "lineno"}` for each module-level function. Raises SyntaxError."""
     tree = ast.parse(content)
     imports = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-    lines = content.splitlines()
+    lines = LINE_BREAK.split(content)
     out = []
     for node in tree.body:
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):

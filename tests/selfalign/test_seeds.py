@@ -127,3 +127,6 @@ def test_a_seed_carries_the_imports_it_uses():
     assert letter["seed"].startswith("from collections import Counter\n\n\ndef most_common")
     assert clamp["seed"].startswith("@staticmethod\ndef clamp") and clamp["lineno"] == 17
     assert rule_broken(area["seed"]) is None
+    # A form feed is no line break to ast: the function's lines stay where ast says they are.
+    (f,) = extract_functions('x = 1  # \x0c page\n\ndef f(a):\n    """F."""\n    return a\n')
+    assert f["seed"] == 'def f(a):\n    """F."""\n    return a\n' and f["lineno"] == 3
