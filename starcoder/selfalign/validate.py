@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Optional
 
+from starcoder.config import UserError
 from starcoder.eval.sandbox import Sandbox
 from starcoder.selfalign.parse import parse_response, program
 from starcoder.selfalign.report import StageReport
@@ -20,7 +21,10 @@ def validate(records: list[dict], sandbox: Sandbox, timeout: float = 10.0,
     """`records` hold `instruction` and `response` (the raw model output). Out: `instruction`,
     `response` (the parsed Response section), `code`, `tests`, `raw`, `status`, `reason`."""
     out, runs = [], []
-    for record in records:
+    for n, record in enumerate(records, 1):
+        if not all(isinstance(record.get(k), str) for k in ("instruction", "response")):
+            raise UserError(f"record {n}: needs the text fields `instruction` and `response` "
+                            f"(the raw model output)")
         parsed = parse_response(record["response"])
         row = {**{k: v for k, v in record.items() if k != "response"},
                "instruction": record["instruction"], "response": parsed.response,

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from starcoder.config import UserError
+
 from starcoder.selfalign.parse import parse_response, program
 from starcoder.selfalign.report import read_jsonl, run_file
 from starcoder.selfalign.select import select
@@ -69,6 +71,11 @@ def test_unparsable_outputs_have_reasons_and_never_raise():
     # An unterminated fence is no block; a block in another language is not Python.
     assert parse_response("### Response\n```python\nx = 1\n### Tests\n```python\nassert x\n```").error
     assert parse_response("### Response\n```rust\nfn main(){}\n```\n### Tests\n```python\nx\n```").error
+
+
+def test_a_record_without_its_fields_is_one_line_naming_it(sandbox):
+    with pytest.raises(UserError, match="record 2: needs the text fields `instruction` and `response`"):
+        validate([{"instruction": "x", "response": "y"}, {"instruction": "x"}], sandbox)
 
 
 def test_program_is_code_then_tests_and_stops_at_the_next_section():
