@@ -7,8 +7,9 @@ README's fine-tuning example (`make finetune`).
 writes one `{"instruction", "response"}` JSON object per function (the input of `starcoder
 preprocess --format instruct`), and with `--prompts FILE` the held-out functions' instructions
 laid out in the instruct template up to `### Response\\n` (the input of `starcoder generate
---prompts`). Held-out functions are every `--holdout`-th one, by a hash of the file and name, so
-they stay out of the training pairs.
+--prompts`). Held-out functions are every `--holdout`-th one, by a hash of the docstring, so a
+docstring the library repeats (several `throw` methods say "Raise GeneratorExit inside
+coroutine.") is held out everywhere and stays out of the training pairs.
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ def main(argv=None) -> int:
 
     pairs, held_out = [], []
     for path in stdlib_sources(args.max_files):
-        for name, instruction, response in function_pairs(path.read_text(errors="replace"), args.max_chars):
-            key = hashlib.sha1(f"{path.name}:{name}:{instruction}".encode()).digest()
+        for _, instruction, response in function_pairs(path.read_text(errors="replace"), args.max_chars):
+            key = hashlib.sha1(instruction.encode()).digest()
             (held_out if int.from_bytes(key[:4], "little") % args.holdout == 0 else pairs).append(
                 {"instruction": instruction, "response": response})
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
