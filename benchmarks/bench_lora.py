@@ -88,11 +88,12 @@ def write_base(folder: Path) -> dict[str, Path]:
 
 
 def memory(corpus: str, base: Path, workdir: Path, lora: bool, extra=()) -> dict[str, int]:
-    """Bytes held for training, measured on the trainer after two steps and a save, in a forked
-    child so that its peak RSS (above the RSS it started with) is its own."""
+    """Bytes held for training, measured on the trainer after two steps and a save, in a fresh
+    (spawned: a fork of a process with torch threads can hang) child so that its peak RSS, above
+    the RSS it started with, is its own."""
     import multiprocessing
 
-    with multiprocessing.get_context("fork").Pool(1) as pool:
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(_memory, (corpus, base, workdir, lora, tuple(extra)))
 
 
