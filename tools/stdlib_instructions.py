@@ -57,6 +57,8 @@ def main(argv=None) -> int:
                         help="longest function kept, in characters (default 400: fits a 256-token row)")
     parser.add_argument("--holdout", type=int, default=50, help="every N-th function is held out (default 50)")
     parser.add_argument("--max-prompts", type=int, default=3, help="held-out prompts written (default 3)")
+    parser.add_argument("--max-prompt-chars", type=int, default=200,
+                        help="longest held-out instruction used as a prompt, in characters (default 200)")
     args = parser.parse_args(argv)
 
     pairs, held_out = [], []
@@ -72,9 +74,11 @@ def main(argv=None) -> int:
     if args.prompts:
         before, after = split_template(INSTRUCT_TEMPLATE)  # what preprocess puts before the response
         with open(args.prompts, "w") as f:
-            for pair in held_out[:args.max_prompts]:
-                f.write(json.dumps(before + pair["instruction"] + after) + "\n")
-        print(f"{min(len(held_out), args.max_prompts)} held-out prompts -> {args.prompts}")
+            # short instructions only: the prompt must leave the tiny model's 256 positions room
+            prompts = [before + p["instruction"] + after for p in held_out
+                       if len(p["instruction"]) <= args.max_prompt_chars][:args.max_prompts]
+            f.writelines(json.dumps(prompt) + "\n" for prompt in prompts)
+        print(f"{len(prompts)} held-out prompts -> {args.prompts}")
     return 0
 
 
