@@ -93,8 +93,13 @@ def memory(corpus: str, base: Path, workdir: Path, lora: bool, extra=()) -> dict
     the RSS it started with, is its own."""
     import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_memory, (corpus, base, workdir, lora, tuple(extra)))
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()  # a Process, not a Pool: its data loader may start worker processes
+    child = ctx.Process(target=_memory, args=(queue, corpus, base, workdir, lora, tuple(extra)))
+    child.start()
+    result = queue.get()
+    child.join()
+    return result
 
 
 def _rss_bytes() -> int:
@@ -103,7 +108,7 @@ def _rss_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _memory(corpus: str, base: Path, workdir: Path, lora: bool, extra: tuple) -> dict[str, int]:
+def _memory(queue, corpus: str, base: Path, workdir: Path, lora: bool, extra: tuple) -> None:
     import resource
 
     start_rss = _rss_bytes()
@@ -121,14 +126,14 @@ def _memory(corpus: str, base: Path, workdir: Path, lora: bool, extra: tuple) ->
     state = [t for s in trainer.optimizer.state.values() for t in s.values()
              if torch.is_tensor(t) and t.numel() > 1]
     step_dir = next((run / "checkpoints").glob("step_*"))
-    return {"parameters": sum(p.numel() for p in params),
-            "trainable": sum(p.numel() for p in trainable),
-            "weight_bytes": sum(p.numel() * p.element_size() for p in params),
-            "grad_bytes": sum(p.numel() * 4 for p in trainable),  # fp32 .grad of each trainable
-            "adam_bytes": sum(t.numel() * t.element_size() for t in state),
-            "adam_tensors": len(state),
-            "checkpoint_bytes": sum(f.stat().st_size for f in step_dir.rglob("*") if f.is_file()),
-            "peak_rss_growth_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start_rss}
+    queue.put({"parameters": sum(p.numel() for p in params),
+               "trainable": sum(p.numel() for p in trainable),
+               "weight_bytes": sum(p.numel() * p.element_size() for p in params),
+               "grad_bytes": sum(p.numel() * 4 for p in trainable),  # fp32 .grad of each trainable
+               "adam_bytes": sum(t.numel() * t.element_size() for t in state),
+               "adam_tensors": len(state),
+               "checkpoint_bytes": sum(f.stat().st_size for f in step_dir.rglob("*") if f.is_file()),
+               "peak_rss_growth_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start_rss})
 
 
 def ours(corpus: str, base: Path, workdir: Path, steps: int, warmup: int, extra=()) -> float:
