@@ -1,4 +1,5 @@
-# Two commands: `make train` (fresh machine -> venv -> trains the tiny default) and `make test`.
+# Two commands: `make train` (fresh machine -> venv -> trains the tiny default) and `make test`;
+# `make finetune` then LoRA-tunes that model on the standard library's docstrings (README).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -13,7 +14,7 @@ ifneq ($(HAVE_GPU),1)
 export TRITON_INTERPRET ?= 1
 endif
 
-.PHONY: venv test test-fast train clean sandbox
+.PHONY: venv test test-fast train finetune clean sandbox
 
 venv: $(VENV)/.installed
 
@@ -41,6 +42,22 @@ sandbox:
 
 train: venv
 	$(BIN)/python -m starcoder demo
+
+# The README's fine-tuning example: instruction pairs from the standard library's functions, SFT
+# with LoRA on top of the `make train` run (made first if missing), completions of held-out ones.
+FT := runs/finetune
+FINETUNE_STEPS ?= 60
+finetune: venv
+	test -f runs/demo/run/checkpoints/latest || $(BIN)/python -m starcoder demo
+	$(BIN)/python tools/stdlib_instructions.py --output $(FT)/data/pairs.jsonl --prompts $(FT)/data/prompts.jsonl
+	$(BIN)/python -m starcoder preprocess --input $(FT)/data/pairs.jsonl --tokenizer builtin:tiny \
+		--output-prefix $(FT)/data/instruct --format instruct --no-progress
+	$(BIN)/python -m starcoder train --config tiny-sc2 --set train.init_from=runs/demo/run \
+		--set data.paths=[$(FT)/data/instruct] --set data.fim_rate=0 --set data.pack=true \
+		--set train.objective=sft --set finetune.lora_rank=8 --set finetune.lora_alpha=16 \
+		--set train.lr=1e-3 --set train.min_lr=0 --set train.warmup_steps=5 \
+		--set train.max_steps=$(FINETUNE_STEPS) --set train.output_dir=$(FT)/run
+	$(BIN)/python -m starcoder generate --model $(FT)/run --prompts $(FT)/data/prompts.jsonl --max-new-tokens 48
 
 clean:
 	rm -rf $(VENV) build *.egg-info starcoder/*.so starcoder/**/*.so

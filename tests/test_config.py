@@ -14,6 +14,41 @@ def test_presets_load(name):
     assert cfg.train.seq_length <= cfg.model.max_position_embeddings
 
 
+# Fine-tuning recipes (configs/recipes/, named `recipes/<name>`) and the preset whose model
+# section each repeats.
+RECIPES = {"octocoder-sft": "starcoder-15b", "astraios-lora": "starcoderbase-1b",
+           "starcoder2-instruct-sft": "starcoder2-15b", "zephyr-dpo": "starcoder2-15b"}
+
+
+def test_every_recipe_is_listed():
+    assert sorted(p.stem for p in (PRESET_DIR / "recipes").glob("*.yaml")) == sorted(RECIPES)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipes_load_and_start_from_a_model(name):
+    cfg = load_config(f"recipes/{name}")
+    assert cfg == load_config(PRESET_DIR / "recipes" / f"{name}.yaml")  # by name or by path
+    assert cfg.model == load_config(RECIPES[name]).model
+    assert cfg.train.init_from and cfg.train.min_lr == 0 and cfg.data.fim_rate == 0
+    assert cfg.train.seq_length <= cfg.model.max_position_embeddings
+    assert cfg.parallel.pipeline_parallel == 1  # train.init_from needs it
+    assert load_config(f"recipes/{name}", ["train.init_from=base/"]).train.init_from == "base/"
+
+
+def test_recipe_settings():
+    sc2 = load_config("recipes/starcoder2-instruct-sft").train
+    assert (sc2.lr, sc2.epochs, sc2.global_batch_size, sc2.warmup_ratio, sc2.lr_schedule, sc2.seq_length) == \
+        (1e-5, 4, 64, 0.05, "linear", 1280)
+    lora = load_config("recipes/astraios-lora").finetune
+    assert (lora.lora_rank, lora.lora_alpha, lora.lora_dropout) == (8, 16, 0.05)
+    assert lora.lora_targets == ["q_proj", "kv_proj", "out_proj", "fc_out"]
+    octo = load_config("recipes/octocoder-sft").train
+    assert (octo.objective, octo.loss_normalization) == ("sft", "example")
+    zephyr = load_config("recipes/zephyr-dpo")
+    assert (zephyr.train.objective, zephyr.finetune.dpo_beta, zephyr.train.lr) == ("dpo", 0.1, 5e-7)
+    assert (zephyr.train.lr_schedule, zephyr.train.warmup_ratio) == ("linear", 0.1)
+
+
 def test_tiny_presets_are_pinned():
     for name, kv, pos, window in [("tiny-sc1", 1, "learned", None), ("tiny-sc2", 2, "rope", 64)]:
         m = load_config(name).model

@@ -135,10 +135,16 @@ def test_tensor_parallel_gives_the_single_process_losses_and_checkpoints(world, 
 @pytest.mark.parametrize("normalisation", ["token", "example"])
 def test_two_ranks_give_the_single_process_sft_losses(world, sft_corpus, tmp_path, normalisation):
     """The loss mask's weights (per-example ones included) are normalised over the global batch:
-    DP 2 equals one process."""
+    DP 2 and TP 2 (both ranks see the whole mask, the loss is computed on the split vocabulary)
+    equal one process."""
     sft = ["data.fim_rate=0", "train.objective=sft", "data.split=100,0,0",
            f"train.loss_normalization={normalisation}"]
     train(tiny_config(sft_corpus, tmp_path / "one", *sft))
     world.run(_train, sft_corpus, str(tmp_path / "dp"), [*sft, "train.micro_batch_size=2"])
     assert close(losses(tmp_path / "dp"), losses(tmp_path / "one"), 1e-6)
     assert losses(tmp_path / "dp") != losses(tmp_path / "one")  # really computed apart
+    world.run(_train, sft_corpus, str(tmp_path / "tp"), [*sft, "parallel.tensor_parallel=2"])
+    assert close(losses(tmp_path / "tp"), losses(tmp_path / "one"), 1e-6)
+    tp_norms, one_norms = ([r["grad_norm"] for r in metrics(tmp_path / run)] for run in ("tp", "one"))
+    assert close(tp_norms, one_norms, 1e-6)
+    assert tp_norms != one_norms  # the sharded gradients really were computed apart
