@@ -38,3 +38,17 @@ def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_models")
     return {name: write_tiny_model(root / name, preset) for name, preset in
             (("sc1", "tiny-sc1"), ("sc2", "tiny-sc2"))}
+
+
+@pytest.fixture(scope="session")
+def sandbox():
+    """The bubblewrap sandbox `starcoder eval` and `selfalign` run generated code in, or a skip
+    saying why it is missing."""
+    from starcoder.eval.sandbox import Sandbox, SandboxUnavailable
+
+    box = Sandbox()
+    try:
+        box.check()
+    except SandboxUnavailable as err:
+        pytest.skip(f"no working bubblewrap sandbox here ({err}); `make test` installs it as root")
+    return box
