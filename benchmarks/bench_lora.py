@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from bench_train_cpu import machine
+from bench_train_cpu import machine, timed_train
 
 LORA = ["finetune.lora_rank=8", "finetune.lora_alpha=16", "finetune.lora_dropout=0.05",
         "finetune.lora_targets=[q_proj, kv_proj, out_proj, fc_out]"]
@@ -137,26 +137,9 @@ def _memory(queue, corpus: str, base: Path, workdir: Path, lora: bool, extra: tu
 
 
 def ours(corpus: str, base: Path, workdir: Path, steps: int, warmup: int, extra=()) -> float:
-    from starcoder.training import trainer
-
     run = workdir / "bench"
     shutil.rmtree(run, ignore_errors=True)
-    cfg = config(corpus, base, run, steps, lora=True, extra=extra)
-    marks = {}
-    real = trainer.Trainer._account
-
-    def account(self, loss, norm):
-        real(self, loss, norm)
-        if self.state.step == warmup:
-            marks["start"] = time.perf_counter()
-
-    trainer.Trainer._account = account
-    try:
-        trainer.train(cfg)
-    finally:
-        trainer.Trainer._account = real
-    seconds = time.perf_counter() - marks["start"]
-    return (steps - warmup) * cfg.train.global_batch_size * cfg.train.seq_length / seconds
+    return timed_train(config(corpus, base, run, steps, lora=True, extra=extra), warmup)
 
 
 def sft_batches(cfg, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -28,13 +28,20 @@ import torch
 def ours(corpus: str, workdir: Path, steps: int, warmup: int) -> float:
     """Tokens/s of `starcoder train` over steps warmup+1..steps, including the final save."""
     from starcoder.config import load_config
-    from starcoder.training import trainer
 
     run = workdir / "run"
     shutil.rmtree(run, ignore_errors=True)
     cfg = load_config("tiny-sc2", [f"data.paths=[{corpus}]", f"train.output_dir={run}",
                                    f"train.max_steps={steps}", "log.every=10", "log.tensorboard=false",
                                    "log.progress_bar=false"])
+    return timed_train(cfg, warmup)
+
+
+def timed_train(cfg, warmup: int) -> float:
+    """Tokens/s of `starcoder.training.train(cfg)` from the end of step `warmup` to the end of the
+    run (its final save included)."""
+    from starcoder.training import trainer
+
     marks = {}
     real = trainer.Trainer._account
 
@@ -49,7 +56,7 @@ def ours(corpus: str, workdir: Path, steps: int, warmup: int) -> float:
     finally:
         trainer.Trainer._account = real
     seconds = time.perf_counter() - marks["start"]
-    return (steps - warmup) * cfg.train.global_batch_size * cfg.train.seq_length / seconds
+    return (cfg.train.max_steps - warmup) * cfg.train.global_batch_size * cfg.train.seq_length / seconds
 
 
 def peer(steps: int, warmup: int) -> float:

@@ -164,7 +164,21 @@ def example_rows(prefixes: list[str], split_spec: str, split: int, seq_length: i
     return _rows(key, tuple(prefixes), split_spec, split, seq_length + 1, pack, seed, sft)
 
 
-class ExampleBatches(torch.utils.data.Dataset):
+class _EpochShuffled(torch.utils.data.Dataset):
+    """Items (rows, or pairs) in a fresh order each epoch, drawn from (seed, split, epoch): stream
+    position j is item `order(j // n)[j % n]`, so a resume at any position is exact."""
+
+    _epoch, _perm = -1, None
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The item order of an epoch."""
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, self.split, 2, epoch]).permutation(len(self))
+            self._epoch = epoch
+        return self._perm
+
+
+class ExampleBatches(_EpochShuffled):
     """Turns a list of stream positions into one micro-batch dict of fine-tuning rows."""
 
     def __init__(self, examples: Examples, rows: Rows, seq_length: int, seed: int, split: int,
@@ -172,17 +186,9 @@ class ExampleBatches(torch.utils.data.Dataset):
         self.examples, self.rows, self.width = examples, rows, seq_length + 1
         self.seed, self.split, self.eod = seed, split, eod
         self.sft, self.per_example, self.document_ids = sft, per_example, document_ids
-        self._epoch, self._perm = -1, None
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    def order(self, epoch: int) -> np.ndarray:
-        """The row order of an epoch."""
-        if epoch != self._epoch:
-            self._perm = np.random.default_rng([self.seed, self.split, 2, epoch]).permutation(len(self.rows))
-            self._epoch = epoch
-        return self._perm
 
     def __getitem__(self, positions: list[int]) -> dict:
         micro, width, n = len(positions), self.width, len(self.rows)
@@ -256,7 +262,7 @@ def preference_pairs(prefixes: list[str], split_spec: str, split: int, seq_lengt
     return _pairs(key, tuple(prefixes), split_spec, split, seq_length + 1)
 
 
-class PairBatches(torch.utils.data.Dataset):
+class PairBatches(_EpochShuffled):
     """Micro-batches of preference pairs: stream position j is pair `perm_e[j % P]` of epoch
     e = j // P (shuffled as `ExampleBatches` shuffles rows), and a micro-batch of m positions has
     2m rows, the chosen sequence of its b-th pair in row 2b and the rejected one in row 2b + 1,
@@ -267,16 +273,9 @@ class PairBatches(torch.utils.data.Dataset):
                  eod: int):
         self.examples, self.pairs, self.width = examples, pairs, seq_length + 1
         self.seed, self.split, self.eod = seed, split, eod
-        self._epoch, self._perm = -1, None
 
     def __len__(self) -> int:
         return len(self.pairs)
-
-    def order(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            self._perm = np.random.default_rng([self.seed, self.split, 2, epoch]).permutation(len(self.pairs))
-            self._epoch = epoch
-        return self._perm
 
     def __getitem__(self, positions: list[int]) -> dict:
         n = len(self.pairs)
