@@ -46,3 +46,29 @@ def multiprocessors(device: torch.device) -> int:
 
 def next_power_of_2(n: int) -> int:
     return triton.next_power_of_2(n)
+
+
+# Row-tiled elementwise kernels (bias-GeLU, bias-dropout-add): (BLOCK_R, BLOCK_C, num_warps) of
+# 8K-element tiles, 16-byte accesses along rows.
+ROW_TILE_CONFIGS = [triton.Config({"BLOCK_R": r, "BLOCK_C": c}, num_warps=w)
+                    for r, c, w in [(16, 512, 8), (32, 256, 8), (64, 128, 8), (8, 1024, 4)]]
+ROW_TILE_INTERPRETER_BLOCKS = (16, 32)
+# The bias-gradient partials' row count depends on BLOCK_R, so the backward keeps one tile shape.
+ROW_TILE_BACKWARD = dict(BLOCK_R=32, BLOCK_C=256, num_warps=8)
+
+
+def row_tile_grid(rows: int, n: int):
+    """Launch grid of a row-tiled kernel over a [rows, n] tensor."""
+    def grid(meta):
+        return triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(n, meta["BLOCK_C"])
+    return grid
+
+
+def row_tile_options(backward: bool) -> dict:
+    """Fixed tile options of a row-tiled kernel (without autotuning, and always for backward)."""
+    if INTERPRET:
+        return dict(zip(("BLOCK_R", "BLOCK_C"), ROW_TILE_INTERPRETER_BLOCKS))
+    if backward:
+        return dict(ROW_TILE_BACKWARD)
+    config = ROW_TILE_CONFIGS[0]
+    return dict(config.kwargs, num_warps=config.num_warps)

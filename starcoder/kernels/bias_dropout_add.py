@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from starcoder.kernels._triton import AUTOTUNE, INTERPRET, check_dtype, rows_view
+from starcoder.kernels._triton import (AUTOTUNE, ROW_TILE_CONFIGS, check_dtype, row_tile_grid,
+                                       row_tile_options, rows_view)
 
 
 def bias_dropout_add_reference(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor,
@@ -71,28 +72,7 @@ def _bda_bwd(DY, SEED, DX, DB_PART, stride_dy, stride_dx, rows, n, p, scale,
     tl.store(DB_PART + tl.program_id(0) * n + c, tl.sum(dx, 0), mask=c < n)
 
 
-# (BLOCK_R, BLOCK_C, num_warps): 8K-element tiles, 16-byte accesses along rows.
-CONFIGS = [triton.Config({"BLOCK_R": r, "BLOCK_C": c}, num_warps=w)
-           for r, c, w in [(16, 512, 8), (32, 256, 8), (64, 128, 8), (8, 1024, 4)]]
-INTERPRETER_BLOCKS = (16, 32)
-# The bias-gradient partials' row count depends on BLOCK_R, so the backward keeps one tile shape.
-BACKWARD_CONFIG = dict(BLOCK_R=32, BLOCK_C=256, num_warps=8)
-_tuned_fwd = triton.autotune(CONFIGS, key=["n", "DROPOUT"])(_bda_fwd) if AUTOTUNE else None
-
-
-def _grid(rows, n):
-    def grid(meta):
-        return triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(n, meta["BLOCK_C"])
-    return grid
-
-
-def _options(backward: bool) -> dict:
-    if INTERPRET:
-        return dict(zip(("BLOCK_R", "BLOCK_C"), INTERPRETER_BLOCKS))
-    if backward:
-        return dict(BACKWARD_CONFIG)
-    config = CONFIGS[0]
-    return dict(config.kwargs, num_warps=config.num_warps)
+_tuned_fwd = triton.autotune(ROW_TILE_CONFIGS, key=["n", "DROPOUT"])(_bda_fwd) if AUTOTUNE else None
 
 
 def _out_dtype(x, bias, residual) -> torch.dtype:
@@ -112,9 +92,9 @@ def _forward_op(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, see
     y = torch.empty(x2.shape, dtype=_out_dtype(x, bias, residual), device=x.device)
     args = (x2, bias, r2, y, seed, x2.stride(0), r2.stride(0), y.stride(0), rows, n, p, _scale(p))
     if _tuned_fwd is not None:
-        _tuned_fwd[_grid(rows, n)](*args, DROPOUT=p > 0.0)
+        _tuned_fwd[row_tile_grid(rows, n)](*args, DROPOUT=p > 0.0)
     else:
-        _bda_fwd[_grid(rows, n)](*args, DROPOUT=p > 0.0, **_options(False))
+        _bda_fwd[row_tile_grid(rows, n)](*args, DROPOUT=p > 0.0, **row_tile_options(False))
     return y.view(x.shape)
 
 
@@ -129,12 +109,12 @@ def _backward_op(grad_y: torch.Tensor, seed: torch.Tensor, p: float, x_dtype: to
     """(dx, dbias) from the regenerated mask; d residual is grad_y itself."""
     dy2 = rows_view(grad_y)
     rows, n = dy2.shape
-    options = _options(True)
+    options = row_tile_options(True)
     dx = torch.empty(dy2.shape, dtype=x_dtype, device=grad_y.device)
     db_part = torch.empty(triton.cdiv(rows, options["BLOCK_R"]), n, dtype=torch.float32,
                           device=grad_y.device)
-    _bda_bwd[_grid(rows, n)](dy2, seed, dx, db_part, dy2.stride(0), dx.stride(0), rows, n, p,
-                             _scale(p), DROPOUT=p > 0.0, **options)
+    _bda_bwd[row_tile_grid(rows, n)](dy2, seed, dx, db_part, dy2.stride(0), dx.stride(0), rows, n,
+                                     p, _scale(p), DROPOUT=p > 0.0, **options)
     return dx.view(grad_y.shape), db_part.sum(0).to(bias_dtype)
 
 

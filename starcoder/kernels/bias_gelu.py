@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from starcoder.kernels._triton import AUTOTUNE, INTERPRET, check_dtype, rows_view
+from starcoder.kernels._triton import (AUTOTUNE, ROW_TILE_CONFIGS, check_dtype, row_tile_grid,
+                                       row_tile_options, rows_view)
 
 
 def bias_gelu_reference(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -57,28 +58,7 @@ def _bias_gelu_bwd(DY, X, BIAS, DX, DB_PART, stride_dy, stride_x, stride_dx, row
     tl.store(DB_PART + tl.program_id(0) * n + c, tl.sum(dx, 0), mask=c < n)
 
 
-# (BLOCK_R, BLOCK_C, num_warps): 8K-element tiles, 16-byte accesses along rows.
-CONFIGS = [triton.Config({"BLOCK_R": r, "BLOCK_C": c}, num_warps=w)
-           for r, c, w in [(16, 512, 8), (32, 256, 8), (64, 128, 8), (8, 1024, 4)]]
-INTERPRETER_BLOCKS = (16, 32)
-# The bias-gradient partials' row count depends on BLOCK_R, so the backward keeps one tile shape.
-BACKWARD_CONFIG = dict(BLOCK_R=32, BLOCK_C=256, num_warps=8)
-_tuned_fwd = triton.autotune(CONFIGS, key=["n"])(_bias_gelu_fwd) if AUTOTUNE else None
-
-
-def _grid(rows, n):
-    def grid(meta):
-        return triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(n, meta["BLOCK_C"])
-    return grid
-
-
-def _options(backward: bool) -> dict:
-    if INTERPRET:
-        return dict(zip(("BLOCK_R", "BLOCK_C"), INTERPRETER_BLOCKS))
-    if backward:
-        return dict(BACKWARD_CONFIG)
-    config = CONFIGS[0]
-    return dict(config.kwargs, num_warps=config.num_warps)
+_tuned_fwd = triton.autotune(ROW_TILE_CONFIGS, key=["n"])(_bias_gelu_fwd) if AUTOTUNE else None
 
 
 @torch.library.custom_op("starcoder::bias_gelu_forward", mutates_args=())
@@ -88,9 +68,9 @@ def _forward_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     y = torch.empty_like(x2)
     args = (x2, bias, y, x2.stride(0), y.stride(0), rows, n)
     if _tuned_fwd is not None:
-        _tuned_fwd[_grid(rows, n)](*args)
+        _tuned_fwd[row_tile_grid(rows, n)](*args)
     else:
-        _bias_gelu_fwd[_grid(rows, n)](*args, **_options(False))
+        _bias_gelu_fwd[row_tile_grid(rows, n)](*args, **row_tile_options(False))
     return y.view(x.shape)
 
 
@@ -104,12 +84,12 @@ def _backward_op(grad_y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     dy2, x2 = rows_view(grad_y), rows_view(x)
     rows, n = x2.shape
-    options = _options(True)
+    options = row_tile_options(True)
     dx = torch.empty_like(x2)
     db_part = torch.empty(triton.cdiv(rows, options["BLOCK_R"]), n, dtype=torch.float32,
                           device=x.device)
-    _bias_gelu_bwd[_grid(rows, n)](dy2, x2, bias, dx, db_part, dy2.stride(0), x2.stride(0),
-                                   dx.stride(0), rows, n, **options)
+    _bias_gelu_bwd[row_tile_grid(rows, n)](dy2, x2, bias, dx, db_part, dy2.stride(0),
+                                           x2.stride(0), dx.stride(0), rows, n, **options)
     return dx.view(x.shape), db_part.sum(0).to(bias.dtype)
 
 

@@ -24,8 +24,7 @@ def _specs():
 
     # Modules, not the same-named functions `starcoder.kernels` exports.
     fa = importlib.import_module("starcoder.kernels.flash_attention")
-    bias_gelu = importlib.import_module("starcoder.kernels.bias_gelu")
-    bias_dropout_add = importlib.import_module("starcoder.kernels.bias_dropout_add")
+    from starcoder.kernels._triton import ROW_TILE_BACKWARD, ROW_TILE_CONFIGS
 
     attn_ptrs = lambda names, dt: {n: dt for n in names}  # noqa: E731
     specs = []
@@ -69,21 +68,21 @@ def _specs():
                   dict(HAS_DH=True, BLOCK_N=8192), dict(num_warps=16)))
     gelu_ptrs = {"X": "*bf16", "BIAS": "*bf16", "Y": "*bf16", "DY": "*bf16", "DX": "*bf16",
                  "DB_PART": "*fp32"}
-    for c in bias_gelu.CONFIGS:
+    for c in ROW_TILE_CONFIGS:
         specs.append((f"bias_gelu fwd {c.kwargs} w={c.num_warps}", "starcoder.kernels.bias_gelu",
                       "_bias_gelu_fwd", gelu_ptrs, set(), dict(c.kwargs), dict(num_warps=c.num_warps)))
-    bwd = dict(bias_gelu.BACKWARD_CONFIG)
+    bwd = dict(ROW_TILE_BACKWARD)
     warps = bwd.pop("num_warps")
     specs.append((f"bias_gelu bwd {bwd} w={warps}", "starcoder.kernels.bias_gelu", "_bias_gelu_bwd",
                   gelu_ptrs, set(), bwd, dict(num_warps=warps)))
     bda_ptrs = {"X": "*bf16", "BIAS": "*bf16", "R": "*bf16", "Y": "*bf16", "SEED": "*i64",
                 "DY": "*bf16", "DX": "*bf16", "DB_PART": "*fp32"}
     # Its tiles are bias-GeLU's, which are all compiled above: the first one and the backward.
-    for c in bias_dropout_add.CONFIGS[:1]:
+    for c in ROW_TILE_CONFIGS[:1]:
         specs.append((f"bias_dropout_add fwd {c.kwargs} w={c.num_warps}",
                       "starcoder.kernels.bias_dropout_add", "_bda_fwd", bda_ptrs, {"p", "scale"},
                       dict(c.kwargs, DROPOUT=True), dict(num_warps=c.num_warps)))
-    bwd = dict(bias_dropout_add.BACKWARD_CONFIG)
+    bwd = dict(ROW_TILE_BACKWARD)
     warps = bwd.pop("num_warps")
     specs.append((f"bias_dropout_add bwd {bwd} w={warps}", "starcoder.kernels.bias_dropout_add",
                   "_bda_bwd", bda_ptrs, {"p", "scale"}, dict(bwd, DROPOUT=True),
