@@ -321,6 +321,11 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
         raw = source
     elif source is not None:
         raw = read_config_file(resolve_config_path(source))
+    return config_from_dict(apply_overrides(raw, overrides)).validate()
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """`--set section.key=value` items written into the raw sections (values parsed as YAML)."""
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
@@ -334,7 +339,7 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
         except yaml.YAMLError as err:
             raise ConfigError(f"--set {item}: the value is not valid YAML ({_yaml_problem(err)}); "
                               "quote strings that hold YAML syntax") from None
-    return config_from_dict(raw).validate()
+    return raw
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -367,9 +372,12 @@ def resolve_config_path(source: str | Path) -> Path:
     raise ConfigError(f"config {source}: no such file or preset (presets: {presets})")
 
 
-def config_from_dict(raw: dict[str, Any]) -> Config:
-    sections = {f.name: f.type for f in dataclasses.fields(Config)}
-    hints = typing.get_type_hints(Config)
+def config_from_dict(raw: dict[str, Any], cls: type = None):
+    """A config of sections (`Config`, or another dataclass of section dataclasses) from raw
+    YAML values; not yet validated."""
+    cls = cls or Config
+    sections = {f.name: f.type for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     unknown = set(raw) - set(sections)
     if unknown:
         name = sorted(unknown)[0]
@@ -381,7 +389,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping of keys, got {value!r}")
         kwargs[name] = _build(hints[name], value, name)
-    return Config(**kwargs)
+    return cls(**kwargs)
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str):

@@ -8,12 +8,11 @@ loading helpers are reused here).
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from starcoder.config import ConfigError, _build, _suggest, parse_yaml
+from starcoder.config import ConfigError, apply_overrides, config_from_dict, read_config_file
 
 # SPDX ids The Stack v1 counted as permissive (a subset; extend it in the config).
 PERMISSIVE_LICENSES = [
@@ -138,28 +137,8 @@ def load_curate_config(source: str | Path | dict | None = None,
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"config {source}: no such file")
-        raw = parse_yaml(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            raise ConfigError(f"--set {item!r}: expected section.key=value")
-        section, _, name = key.strip().partition(".")
-        if not isinstance(raw.setdefault(section, {}), dict):
-            raise ConfigError(f"{section}: expected a mapping")
-        raw[section][name] = parse_yaml(value) if value.strip() else None
-    hints = typing.get_type_hints(CurateConfig)
-    kwargs = {}
-    for name, value in raw.items():
-        if name not in hints:
-            raise ConfigError(f"{name}: unknown section{_suggest(name, hints)}")
-        if value is None:
-            continue
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping of keys, got {value!r}")
-        kwargs[name] = _build(hints[name], value, name)
-    cfg = CurateConfig(**kwargs)
+        raw = read_config_file(path)
+    cfg = config_from_dict(apply_overrides(raw, overrides), CurateConfig)
     validate(cfg)
     return cfg
 
