@@ -60,9 +60,11 @@ def extract_functions(content: str, path: str = "") -> list[dict]:
             continue
         start = min([node.lineno] + [d.lineno for d in node.decorator_list])
         source = "\n".join(lines[start - 1:node.end_lineno])
-        used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
         header = []
-        for imp in imports:
+        # Names are looked up only for functions the docstring rule can keep (walking every
+        # function's tree is most of the cost on a large corpus).
+        used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} if imports and ast.get_docstring(node) else ()
+        for imp in imports if used else ():
             aliases = [a for name, a in _bound_names(imp) if name in used]
             if aliases:
                 kept = (ast.Import(names=aliases) if isinstance(imp, ast.Import)
@@ -73,9 +75,12 @@ def extract_functions(content: str, path: str = "") -> list[dict]:
     return out
 
 
-def rule_broken(seed: str) -> Optional[str]:
+def rule_broken(seed: str, max_lines: int = MAX_LINES) -> Optional[str]:
     """The first `filter_dataset.py` rule the seed breaks, or None."""
-    tree = ast.parse(seed)
+    try:
+        tree = ast.parse(seed)
+    except SyntaxError:  # a function whose last line continues past it (a trailing backslash)
+        return "does not parse alone"
     fn = next(n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)))
     first = fn.body[0]
     if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
@@ -90,8 +95,8 @@ def rule_broken(seed: str) -> Optional[str]:
                    else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
         if any(m.split(".")[0] in BANNED_IMPORTS for m in modules):
             return "banned import"
-    if len(seed.strip().splitlines()) > MAX_LINES:
-        return f"over {MAX_LINES} lines"
+    if len(seed.strip().splitlines()) > max_lines:
+        return f"over {max_lines} lines"
     a = fn.args
     if not (a.posonlyargs or a.args or a.kwonlyargs or a.vararg or a.kwarg):
         return "no arguments"
@@ -101,7 +106,8 @@ def rule_broken(seed: str) -> Optional[str]:
 
 
 def seeds(sources: list[dict], decontaminator: Optional[Decontaminator] = None,
-          threshold: float = 0.5, num_perm: int = 256, ngram: int = 5) -> tuple[list[dict], StageReport]:
+          threshold: float = 0.5, num_perm: int = 256, ngram: int = 5, max_lines: int = MAX_LINES,
+          ) -> tuple[list[dict], StageReport]:
     """`sources` hold `path` and `content` (files, or The Stack's rows). Records in are the
     functions found; files that do not parse are counted in `extra`."""
     if decontaminator is None:
@@ -116,7 +122,7 @@ def seeds(sources: list[dict], decontaminator: Optional[Decontaminator] = None,
     report.records_in = len(functions)
     kept = []
     for f in functions:
-        reason = rule_broken(f["seed"])
+        reason = rule_broken(f["seed"], max_lines)
         if reason is None and (match := decontaminator.match(f["seed"])) is not None:
             reason, f["contamination"] = "benchmark substring", match
         if reason is None:
