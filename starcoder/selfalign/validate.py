@@ -5,6 +5,7 @@ unparsable (with `reason`); nothing is dropped here, `select` does that."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Optional
 
@@ -34,12 +35,16 @@ def validate(records: list[dict], sandbox: Sandbox, timeout: float = 10.0,
         else:
             runs.append((len(out), program(parsed)))
         out.append(row)
+    start = time.perf_counter()
     results = sandbox.run_many([p for _, p in runs], timeout=timeout, workers=workers)
+    seconds = time.perf_counter() - start
     for (i, _), result in zip(runs, results):
         status = "pass" if result.passed else "timeout" if result.result == "timed out" else "fail"
         out[i].update(status=status, reason=result.result)
     report = StageReport("validate", len(records), len(out))
-    report.extra.update(statuses=dict(Counter(r["status"] for r in out)),
+    report.extra.update(statuses=dict(Counter(r["status"] for r in out)), validations=len(runs),
+                        validation_seconds=round(seconds, 3),
+                        validations_per_second=round(len(runs) / seconds, 1) if runs else 0.0,
                         **pass_rates(out))
     report.check()
     return out, report

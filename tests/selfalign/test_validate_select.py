@@ -8,7 +8,7 @@ import pytest
 from starcoder.config import UserError
 
 from starcoder.selfalign.parse import parse_response, program
-from starcoder.selfalign.report import read_jsonl, run_file
+from starcoder.selfalign.report import read_jsonl, run_shard
 from starcoder.selfalign.select import select
 from starcoder.selfalign.validate import validate
 
@@ -52,13 +52,13 @@ def test_selection_keeps_one_passing_response_per_instruction(validated):
     assert max(len(v) for v in chosen.values()) == 2
 
 
-def test_run_file_resumes_a_finished_shard(validated, tmp_path):
+def test_a_finished_shard_is_not_redone(validated, tmp_path):
     _, out, _ = validated
-    src = tmp_path / "validate.jsonl"
-    src.write_text("".join(__import__("json").dumps(r) + "\n" for r in out))
-    first = run_file(select, src, tmp_path / "select.jsonl")
-    src.write_text("")  # a finished shard is not read again
-    again = run_file(select, src, tmp_path / "select.jsonl")
+    reads = []
+    args = (tmp_path / "select.jsonl", tmp_path / "select.report.json")
+    first = run_shard(select, lambda: reads.append(1) or out, *args)
+    again = run_shard(select, lambda: reads.append(1) or [], *args)
+    assert reads == [1]  # a finished shard's records are not read again
     assert again.to_dict() == first.to_dict() and first.records_out == 3
     assert len(read_jsonl(tmp_path / "select.jsonl")) == 3
 
