@@ -19,6 +19,7 @@ COMMANDS = {
     "curate": ("curate", "curate a code corpus: dedup, filters, PII redaction, decontamination"),
     "generate": ("generate", "complete or infill prompts with a model (KV cache, greedy or sampled)"),
     "eval": ("eval", "HumanEval pass@k and HumanEval infilling, generated code run in a sandbox"),
+    "selfalign": ("selfalign", "SelfCodeAlign: the model writes instruction data, kept if its own tests pass"),
     "launch": ("launch", "check a SLURM launch, write its sbatch script into the run folder, submit it"),
     "status": ("status", "summarise a run folder: steps, last checkpoint, restarts, last log lines"),
     "plan": ("plan", "per-GPU memory and communication of a layout, and the layouts that fit"),
