@@ -37,6 +37,8 @@ setup(
         # Test oracles for fine-tuning (LoRA adapters against peft, DPO against TRL); training
         # and export never import them.
         "finetune": ["peft>=0.21", "trl>=1.16"],
+        # `starcoder selfalign --backend vllm` on CUDA GPUs; the native backend needs nothing more.
+        "vllm": ["vllm"],
     },
     entry_points={"console_scripts": ["starcoder = starcoder.cli:main"]},
 )

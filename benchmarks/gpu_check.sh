@@ -7,6 +7,7 @@
 #   4 train   starcoderbase-1b 10 steps in fp32 (TF32) and in bf16 weights: tokens/s, MFU
 #   5 kernels LayerNorm, bias-GeLU, bias-dropout-add, RoPE, cross-entropy vs eager, torch.compile,
 #             Liger-Kernel
+#   then the recompute memory check, and the selfalign vLLM backend test where vLLM is installed
 # Results go to $OUT (or ./gpu_out): summary.md (grows stage by stage), check.log (everything),
 # attention.md/.png, kernels.md/.png, memory.png -- at most 8 files, as the device tool returns.
 # Usage, from the repository root on a GPU machine:  bash benchmarks/gpu_check.sh
@@ -147,5 +148,14 @@ note "" "## recompute memory, starcoderbase-1b (MiB above weights and gradients)
 run_stage recompute 60 env STARCODER_AUTOTUNE=0 $PY benchmarks/recompute_memory.py \
     --config starcoderbase-1b --out "$SUMMARY"
 [[ $? != 99 ]] && note "- ran ${STAGE_SECONDS}s"
+
+# --- vllm: the selfalign vLLM backend against the tiny models, where the image has vLLM -------
+note "" "## vllm backend (starcoder selfalign --backend vllm)"
+if $PY -c "import vllm" >>"$LOG" 2>&1; then
+    run_stage vllm 90 $PY -m pytest -q -p no:cacheprovider -rs tests/selfalign/test_vllm_backend.py
+    [[ $? != 99 ]] && note "- pytest: $(grep -E '^[0-9]+ (passed|failed)|^=+ .*(passed|failed)' "$LOG" | tail -1) (${STAGE_SECONDS}s)"
+else
+    note "- vllm: not installed on this image, skipped"
+fi
 
 note "" "total $(elapsed)s"
