@@ -83,8 +83,8 @@ def run(args) -> int:
     if needs_model and not args.model:
         raise UserError(f"--model: needed by the {needs_model[0]} stage")
     if needs_model and args.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise UserError("--backend vllm: vLLM is not installed (pip install vllm, on a machine with "
-                        "a CUDA GPU); use --backend native")
+        from starcoder.selfalign.vllm_backend import NOT_INSTALLED
+        raise UserError(NOT_INSTALLED)
     if args.input is not None and not Path(args.input).is_file():
         raise UserError(f"--input {args.input}: no such file")
     seeds = []

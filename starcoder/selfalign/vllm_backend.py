@@ -7,21 +7,15 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from starcoder.config import UserError
 from starcoder.convert.export import to_hf
 from starcoder.convert.weights import folder_kind, resolve_folder
+from starcoder.selfalign.backends import Output
 
 NOT_INSTALLED = ("--backend vllm: vLLM is not installed (pip install vllm, on a machine with a "
                  "CUDA GPU); use --backend native")
-
-
-@dataclass
-class Output:
-    text: str  # the new text, cut before the first stop sequence
-    tokens: int  # new tokens generated
 
 
 def request_seed(seed: int, prompt: str, sample: int) -> int:
