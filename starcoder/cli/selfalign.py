@@ -82,6 +82,8 @@ def run(args) -> int:
     needs_model = [s for s in stages if s in GENERATION_STAGES or (s == "seeds" and cfg.seeds.judge)]
     if needs_model and not args.model:
         raise UserError(f"--model: needed by the {needs_model[0]} stage")
+    if needs_model:
+        check_model(args.model)
     if needs_model and args.backend == "vllm" and importlib.util.find_spec("vllm") is None:
         from starcoder.selfalign.vllm_backend import NOT_INSTALLED
         raise UserError(NOT_INSTALLED)
@@ -96,7 +98,7 @@ def run(args) -> int:
         from starcoder.eval.sandbox import Sandbox
         Sandbox(unsafe_no_sandbox=args.unsafe_no_sandbox).check()
     job = Job(str(Path(args.output).resolve()), cfg, stages,
-              str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else args.model,
+              str(Path(args.model).resolve()) if args.model else None,
               [str(Path(s).resolve()) for s in seeds], backend=args.backend, device=args.device,
               unsafe_no_sandbox=args.unsafe_no_sandbox)
     report = selfalign(job, args.executor, args.input)
@@ -107,3 +109,16 @@ def run(args) -> int:
     if "output" in report:
         print(f"\nwrote {report['output']} (instruction, response); report: {args.output}/report.json")
     return 0
+
+
+def check_model(path: str) -> None:
+    """A model folder that cannot be read is named here, before any task starts (a task's error
+    would come with datatrove's traceback)."""
+    from starcoder.config import UserError
+    from starcoder.convert.weights import folder_kind, read_folder_config, resolve_folder
+
+    try:
+        folder = resolve_folder(path)
+        read_folder_config(folder, folder_kind(folder))
+    except (OSError, ValueError) as err:
+        raise UserError(f"--model: {err}") from None

@@ -4,6 +4,7 @@ Both take text prompts and give `samples` outputs per prompt, deterministic for 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,10 +39,17 @@ class NativeBackend:
         # Samples of one prompt are rows of the same batches: the generator draws every row's
         # next token from one seeded stream, so repeats give different samples.
         repeated = [p for p in prompts for _ in range(samples)]
-        done = self.generator.complete(repeated, max_new_tokens, Sampling(temperature, top_p, 0, seed),
-                                       stop, batch_size=self.batch_size)
+        with progress_bar(len(repeated), "generating") as bar:
+            done = self.generator.complete(repeated, max_new_tokens, Sampling(temperature, top_p, 0, seed),
+                                           stop, batch_size=self.batch_size, progress=bar.update)
         outputs = [Output(c.text, len(c.tokens)) for c in done]
         return [outputs[i * samples:(i + 1) * samples] for i in range(len(prompts))]
+
+
+def progress_bar(total: int, what: str):
+    """A bar on a terminal; nothing in logs and tests."""
+    from tqdm import tqdm
+    return tqdm(total=total, desc=what, unit="sample", leave=False, disable=not sys.stderr.isatty())
 
 
 def load_backend(kind: str, model: str, device: str, dtype: str, batch_size: int,

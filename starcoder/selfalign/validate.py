@@ -11,6 +11,7 @@ from typing import Optional
 
 from starcoder.config import UserError
 from starcoder.eval.sandbox import Sandbox
+from starcoder.selfalign.backends import progress_bar
 from starcoder.selfalign.parse import parse_response, program
 from starcoder.selfalign.report import StageReport
 
@@ -36,7 +37,9 @@ def validate(records: list[dict], sandbox: Sandbox, timeout: float = 10.0,
             runs.append((len(out), program(parsed)))
         out.append(row)
     start = time.perf_counter()
-    results = sandbox.run_many([p for _, p in runs], timeout=timeout, workers=workers)
+    with progress_bar(len(runs), "validating") as bar:
+        results = sandbox.run_many([p for _, p in runs], timeout=timeout, workers=workers,
+                                   progress=lambda i, result: bar.update())
     seconds = time.perf_counter() - start
     for (i, _), result in zip(runs, results):
         status = "pass" if result.passed else "timeout" if result.result == "timed out" else "fail"

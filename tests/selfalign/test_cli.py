@@ -2,6 +2,7 @@
 steps) with standard-library seeds and the tiny config: every stage runs, the counts add up, a
 run killed in the responses stage resumes to the same files, and mistakes are one line."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -120,8 +121,8 @@ def test_validate_and_select_alone_on_a_user_file(tmp_path, sandbox, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--stages", "concepts"], "--model: needed by the concepts stage"),
-    (["--model", "m", "--backend", "vllm", "--stages", "responses"],
-     "--backend vllm: vLLM is not installed (pip install vllm, on a machine with a CUDA GPU); use --backend native"),
+    (["--model", "missing", "--stages", "concepts"], "--model: "),
+    (["--model", str(REPO / "configs"), "--backend", "vllm", "--stages", "responses"], "--model: "),
     (["--stages", "select,validate"], "--stages select,validate: list each stage once, in pipeline order"),
     (["--stages", "seeds,judge"], "--stages seeds,judge: expected some of seeds,concepts"),
     (["--stages", "seeds"], "--seeds: needed by the seeds stage"),
@@ -134,3 +135,13 @@ def test_mistakes_are_one_line(tmp_path, capsys, args, message):
     assert main(["selfalign", "--output", str(tmp_path / "out"), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {message}") and "\n" not in err, err
+
+
+def test_the_vllm_backend_without_vllm_is_one_line(model, tmp_path, capsys):
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    assert main(["selfalign", "--model", model, "--backend", "vllm", "--stages", "responses",
+                 "--input", str(PLANTED), "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --backend vllm: vLLM is not installed (pip "
+                                               "install vllm, on a machine with a CUDA GPU); use --backend native")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
