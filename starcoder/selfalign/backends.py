@@ -4,9 +4,10 @@ Both take text prompts and give `samples` outputs per prompt, deterministic for 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from starcoder.selfalign.report import progress_bar
 
 BACKENDS = ("native", "vllm")
 
@@ -44,12 +45,6 @@ class NativeBackend:
                                            stop, batch_size=self.batch_size, progress=bar.update)
         outputs = [Output(c.text, len(c.tokens)) for c in done]
         return [outputs[i * samples:(i + 1) * samples] for i in range(len(prompts))]
-
-
-def progress_bar(total: int, what: str):
-    """A bar on a terminal; nothing in logs and tests."""
-    from tqdm import tqdm
-    return tqdm(total=total, desc=what, unit="sample", leave=False, disable=not sys.stderr.isatty())
 
 
 def load_backend(kind: str, model: str, device: str, dtype: str, batch_size: int,

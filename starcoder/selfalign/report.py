@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,12 @@ class StageReport:
     def to_dict(self) -> dict:
         return {"stage": self.stage, "records_in": self.records_in, "records_out": self.records_out,
                 "drops": dict(self.drops.most_common()), **self.extra}
+
+
+def progress_bar(total: int, what: str):
+    """A bar on a terminal; nothing in logs and tests."""
+    from tqdm import tqdm
+    return tqdm(total=total, desc=what, unit="sample", leave=False, disable=not sys.stderr.isatty())
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

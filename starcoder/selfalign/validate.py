@@ -11,9 +11,8 @@ from typing import Optional
 
 from starcoder.config import UserError
 from starcoder.eval.sandbox import Sandbox
-from starcoder.selfalign.backends import progress_bar
 from starcoder.selfalign.parse import parse_response, program
-from starcoder.selfalign.report import StageReport
+from starcoder.selfalign.report import StageReport, progress_bar
 
 STATUSES = ("pass", "fail", "timeout", "unparsable")
 
