@@ -145,3 +145,16 @@ def test_the_vllm_backend_without_vllm_is_one_line(model, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == ("error: --backend vllm: vLLM is not installed (pip "
                                                "install vllm, on a machine with a CUDA GPU); use --backend native")
     assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_seeds_from_the_rows_of_a_corpus_file(tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    kept = 'def twice(x):\n    """Twice x."""\n    return 2 * x\n'
+    rows.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"content": kept, "path": "a.py"}, {"content": "def f():\n    return 1\n"}, {"text": kept})))
+    out = tmp_path / "out"
+    assert main(["selfalign", "--stages", "seeds", "--input", str(rows), "--output", str(out)]) == 0
+    assert [s["name"] for s in read_jsonl(out / "seeds" / "00000.jsonl")] == ["twice"]
+    report = {s["stage"]: s for s in json.loads((out / "report.json").read_text())["stages"]}
+    assert report["input"]["drops"] == {"no text field `content`": 1}
+    assert report["seeds"]["drops"] == {'no """ docstring': 1} and report["seeds"]["records_out"] == 1
