@@ -109,10 +109,12 @@ def merge_reports(reports: list[StageReport]) -> StageReport:
                 merged.extra.setdefault(key, value)
             elif key in LARGEST:
                 merged.extra[key] = max(merged.extra.get(key, value), value)
-            elif isinstance(value, dict):
+            elif isinstance(value, dict) and all(isinstance(v, int) for v in value.values()):
                 merged.extra[key] = dict(Counter(merged.extra.get(key, {})) + Counter(value))
             elif isinstance(value, (int, float)):
                 merged.extra[key] = round(merged.extra.get(key, 0) + value, 3)
+            else:  # a nested report (the seed judge's) or text: seeds and select are one shard
+                merged.extra.setdefault(key, value)
     for rate, (amount, seconds) in RATES.items():
         if seconds in merged.extra:
             spent = merged.extra[seconds]

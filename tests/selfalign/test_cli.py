@@ -158,3 +158,15 @@ def test_seeds_from_the_rows_of_a_corpus_file(tmp_path, capsys):
     report = {s["stage"]: s for s in json.loads((out / "report.json").read_text())["stages"]}
     assert report["input"]["drops"] == {"no text field `content`": 1}
     assert report["seeds"]["drops"] == {'no """ docstring': 1} and report["seeds"]["records_out"] == 1
+
+
+def test_the_seed_judge_runs_on_the_model_and_its_drops_are_counted(model, tmp_path):
+    out = tmp_path / "out"
+    assert main(["selfalign", "--model", model, "--seeds", "stdlib", "--stages", "seeds", "--output",
+                 str(out), "--config", TINY, "--set", "seeds.judge=true"]) == 0
+    (seeds,) = json.loads((out / "report.json").read_text())["stages"]
+    assert seeds["judge"]["input_records"] == 4 and seeds["judge"]["generated_tokens"] > 0
+    assert seeds["records_in"] == seeds["records_out"] + sum(seeds["drops"].values())
+    said_no = seeds["drops"].get("judge: judge said no", 0)
+    assert seeds["records_out"] + said_no + seeds["drops"].get("judge: prompt does not fit", 0) == 4
+    assert len(read_jsonl(out / "seeds" / "00000.jsonl")) == seeds["records_out"]
