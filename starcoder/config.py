@@ -475,12 +475,14 @@ def _check_weight(source: DataSource, key: str) -> DataSource:
 # Validation: everything that can be checked without the world size.
 
 
+def need(ok: bool, key: str, why: str) -> None:
+    """The check every config validator makes: a false `ok` is an error naming `key`."""
+    if not ok:
+        raise ConfigError(f"{key}: {why}")
+
+
 def _validate(cfg: Config) -> None:
     m, p, d, t, lg = cfg.model, cfg.parallel, cfg.data, cfg.train, cfg.log
-
-    def need(ok: bool, key: str, why: str) -> None:
-        if not ok:
-            raise ConfigError(f"{key}: {why}")
 
     for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                 "vocab_size", "make_vocab_size_divisible_by", "max_position_embeddings"):

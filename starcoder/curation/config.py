@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from starcoder.config import ConfigError, apply_overrides, config_from_dict, read_config_file
+from starcoder.config import ConfigError, apply_overrides, config_from_dict, need, read_config_file
 
 # SPDX ids The Stack v1 counted as permissive (a subset; extend it in the config).
 PERMISSIVE_LICENSES = [
@@ -144,10 +144,6 @@ def load_curate_config(source: str | Path | dict | None = None,
 
 
 def validate(cfg: CurateConfig) -> None:
-    def need(ok: bool, key: str, why: str) -> None:
-        if not ok:
-            raise ConfigError(f"{key}: {why}")
-
     f, n, r, d = cfg.filters, cfg.near_dedup, cfg.run, cfg.decontamination
     need(f.max_line_length >= 1, "filters.max_line_length", "must be at least 1")
     need(f.mean_line_length > 0, "filters.mean_line_length", "must be positive")

@@ -118,15 +118,38 @@ def curate(inputs: list[str], output: str, cfg: CurateConfig, executor: str = "l
     for name, pipeline, tasks in plan:
         previous = _executor(executor, cfg, name, pipeline, tasks, work / "logs" / name, previous)
     if executor == "slurm":
-        import subprocess
-        try:
-            previous.run()  # submits every stage, chained by dependencies
-        except (subprocess.CalledProcessError, FileNotFoundError) as err:
-            raise UserError(f"--executor slurm: sbatch failed ({err}); check run.slurm_partition, "
-                            f"run.slurm_mem_per_cpu_gb and run.slurm_time") from None
+        submit(previous)
         return None
     previous.run()
     return json.loads((output_path / "report.json").read_text())
+
+
+def slurm_executor(pipeline: list, tasks: int, run, job_name: str, logs: Path, depends,
+                   gpus_per_task: int = 0, skip_completed: bool = True):
+    """datatrove's Slurm executor from a config's `run` section (slurm_partition, slurm_time,
+    slurm_cpus_per_task, slurm_mem_per_cpu_gb), for curate and selfalign."""
+    from datatrove.executor import SlurmPipelineExecutor
+    if not run.slurm_partition:
+        raise ConfigError("run.slurm_partition: set the Slurm partition for --executor slurm")
+    # datatrove asks 2 GB per CPU unless told; small nodes offer less, so it is always set.
+    sbatch = {"mem-per-cpu": f"{int(run.slurm_mem_per_cpu_gb * 1024)}M"}
+    if gpus_per_task:
+        sbatch["gpus-per-task"] = str(gpus_per_task)
+    return SlurmPipelineExecutor(
+        pipeline, tasks=tasks, time=run.slurm_time, partition=run.slurm_partition,
+        cpus_per_task=run.slurm_cpus_per_task, job_name=job_name, logging_dir=str(logs),
+        depends=depends, env_command=f"export PATH={Path(sys.executable).parent}:$PATH",
+        sbatch_args=sbatch, mail_type="NONE", qos="", requeue=False, skip_completed=skip_completed)
+
+
+def submit(last) -> None:
+    """Submits a chain of Slurm executors (the last one submits those it depends on first)."""
+    import subprocess
+    try:
+        last.run()
+    except (subprocess.CalledProcessError, FileNotFoundError) as err:
+        raise UserError(f"--executor slurm: sbatch failed ({err}); check run.slurm_partition, "
+                        f"run.slurm_mem_per_cpu_gb and run.slurm_time") from None
 
 
 def _executor(kind: str, cfg: CurateConfig, name: str, pipeline: list, tasks: int, logs: Path, depends):
@@ -136,16 +159,7 @@ def _executor(kind: str, cfg: CurateConfig, name: str, pipeline: list, tasks: in
         return LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(r.workers, tasks),
                                      logging_dir=str(logs), depends=depends)
     if kind == "slurm":
-        from datatrove.executor import SlurmPipelineExecutor
-        if not r.slurm_partition:
-            raise ConfigError("run.slurm_partition: set the Slurm partition for --executor slurm")
-        # datatrove asks 2 GB per CPU unless told; small nodes offer less, so it is always set.
-        return SlurmPipelineExecutor(
-            pipeline, tasks=tasks, time=r.slurm_time, partition=r.slurm_partition,
-            cpus_per_task=r.slurm_cpus_per_task, job_name=f"curate-{name}", logging_dir=str(logs),
-            depends=depends, env_command=f"export PATH={Path(sys.executable).parent}:$PATH",
-            sbatch_args={"mem-per-cpu": f"{int(r.slurm_mem_per_cpu_gb * 1024)}M"},
-            mail_type="NONE", qos="", requeue=False)
+        return slurm_executor(pipeline, tasks, r, f"curate-{name}", logs, depends)
     try:
         from datatrove.executor.ray import RayPipelineExecutor
         import ray  # noqa: F401

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from starcoder.config import ConfigError, apply_overrides, config_from_dict, read_config_file
+from starcoder.config import ConfigError, apply_overrides, config_from_dict, need, read_config_file
 
 STAGES = ("seeds", "concepts", "tasks", "responses", "validate", "select")
 # The stages that generate text with the model.
@@ -115,10 +115,6 @@ def load_selfalign_config(source: str | Path | None = None,
 
 
 def validate(cfg: SelfAlignConfig) -> None:
-    def need(ok: bool, key: str, why: str) -> None:
-        if not ok:
-            raise ConfigError(f"{key}: {why}")
-
     s = cfg.seeds
     need(s.max_lines >= 1, "seeds.max_lines", "must be at least 1")
     need(0 < s.near_dedup_threshold <= 1, "seeds.near_dedup_threshold", "must be in (0, 1]")

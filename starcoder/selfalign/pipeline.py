@@ -23,7 +23,7 @@ from typing import Optional
 
 from datatrove.pipeline.base import PipelineStep
 
-from starcoder.config import ConfigError, UserError
+from starcoder.config import UserError
 from starcoder.selfalign.config import GENERATION_STAGES, STAGES, SelfAlignConfig
 from starcoder.selfalign.report import (StageReport, load_report, merge_reports, read_jsonl,
                                         run_shard, write_json, write_jsonl)
@@ -343,12 +343,8 @@ def selfalign(job: Job, executor: str = "local", input_path: Optional[str] = Non
         previous = executor_for(executor, job, stage, [StageStep(job, stage)], tasks, previous)
     previous = executor_for(executor, job, "report", [ReportStep(job)], 1, previous)
     if executor == "slurm":
-        import subprocess
-        try:
-            previous.run()  # submits every stage, chained by dependencies
-        except (subprocess.CalledProcessError, FileNotFoundError) as err:
-            raise UserError(f"--executor slurm: sbatch failed ({err}); check run.slurm_partition, "
-                            f"run.slurm_mem_per_cpu_gb and run.slurm_time") from None
+        from starcoder.curation.pipeline import submit
+        submit(previous)
         return None
     previous.run()
     return write_report(job)
@@ -362,14 +358,6 @@ def executor_for(kind: str, job: Job, name: str, pipeline: list, tasks: int, dep
         from datatrove.executor import LocalPipelineExecutor
         return LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(r.workers, tasks),
                                      logging_dir=logs, depends=depends, skip_completed=False)
-    from datatrove.executor import SlurmPipelineExecutor
-    if not r.slurm_partition:
-        raise ConfigError("run.slurm_partition: set the Slurm partition for --executor slurm")
-    sbatch = {"mem-per-cpu": f"{int(r.slurm_mem_per_cpu_gb * 1024)}M"}
-    if r.slurm_gpus_per_task and name in GENERATION_STAGES:
-        sbatch["gpus-per-task"] = str(r.slurm_gpus_per_task)
-    return SlurmPipelineExecutor(
-        pipeline, tasks=tasks, time=r.slurm_time, partition=r.slurm_partition,
-        cpus_per_task=r.slurm_cpus_per_task, job_name=f"selfalign-{name}", logging_dir=logs,
-        depends=depends, env_command=f"export PATH={Path(sys.executable).parent}:$PATH",
-        sbatch_args=sbatch, mail_type="NONE", qos="", requeue=False, skip_completed=False)
+    from starcoder.curation.pipeline import slurm_executor
+    gpus = r.slurm_gpus_per_task if name in GENERATION_STAGES else 0
+    return slurm_executor(pipeline, tasks, r, f"selfalign-{name}", logs, depends, gpus, skip_completed=False)
