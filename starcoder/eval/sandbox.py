@@ -19,14 +19,18 @@ file-size limit does not apply to pipes.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +40,7 @@ from starcoder.config import UserError
 
 NOBODY = 65534
 INSIDE = "/tmp/work"
+WORKER_SOURCE = (Path(__file__).with_name("sandbox_worker.py")).read_text()
 
 
 @dataclass
@@ -64,10 +69,17 @@ class Sandbox:
     `python` is looked up on the sandbox's PATH (/usr/local/bin, /usr/bin, /bin): the caller's
     own interpreter may live under /root or /home, which the sandbox hides."""
 
+    worker_grace = 5.0  # seconds past a sample's timeout before the host gives up on its worker
+
     def __init__(self, limits: Limits = Limits(), unsafe_no_sandbox: bool = False,
-                 python: str = "python3"):
+                 python: str = "python3", *, persistent: bool = False):
         self.limits, self.unsafe, self.python = limits, unsafe_no_sandbox, python
         self.as_root = os.geteuid() == 0
+        self.persistent = persistent and not unsafe_no_sandbox  # the pool needs the namespace
+        self._idle: list[_Worker] = []
+        self._live: set[_Worker] = set()
+        self._lock = threading.Lock()
+        self._launcher: ThreadPoolExecutor | None = None
         if unsafe_no_sandbox:
             print("WARNING: --unsafe-no-sandbox: generated programs run as this user with only "
                   "rlimits and a timeout; they can read, write and reach what you can", file=sys.stderr)
@@ -91,22 +103,44 @@ class Sandbox:
                 f"generated code (--unsafe-no-sandbox runs it unprotected)")
 
     def command(self, cpu_seconds: int) -> list[str]:
-        lim = self.limits
-        rlimits = ["prlimit", f"--nproc={lim.processes}", f"--as={lim.memory_bytes}",
-                   f"--cpu={cpu_seconds}", f"--fsize={lim.file_bytes}", f"--nofile={lim.open_files}", "--"]
+        """One fresh sandbox running SCRATCH/program.py ("{scratch}" stands for the folder)."""
         program = [self.python, "-I", "program.py"]
         if self.unsafe:
-            return rlimits + program
+            return self._rlimits(cpu_seconds) + program
+        return self._confined(["--bind", "{scratch}", INSIDE, "--chdir", INSIDE],
+                              self._rlimits(cpu_seconds) + program)
+
+    def worker_command(self) -> list[str]:
+        """One persistent worker: the same confinement, no CPU limit (its children get theirs)."""
+        lim = self.limits
+        config = {"memory_bytes": lim.memory_bytes, "file_bytes": lim.file_bytes,
+                  "open_files": lim.open_files, "processes": lim.processes,
+                  "output_bytes": lim.output_bytes}
+        return self._confined(["--chdir", "/tmp"], self._rlimits(None) + [
+            self.python, "-I", "-c", WORKER_SOURCE, json.dumps(config)])
+
+    def _rlimits(self, cpu_seconds: int | None) -> list[str]:
+        lim = self.limits
+        cpu = [f"--cpu={cpu_seconds}"] if cpu_seconds is not None else []
+        return ["prlimit", f"--nproc={lim.processes}", f"--as={lim.memory_bytes}", *cpu,
+                f"--fsize={lim.file_bytes}", f"--nofile={lim.open_files}", "--"]
+
+    def _confined(self, workdir: list[str], inner: list[str]) -> list[str]:
         bwrap = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
                  "--clearenv", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin",
                  "--setenv", "HOME", INSIDE, "--setenv", "LANG", "C.UTF-8",
                  "--ro-bind", "/", "/", "--tmpfs", "/root", "--tmpfs", "/home", "--tmpfs", "/tmp",
-                 "--dev", "/dev", "--proc", "/proc", "--bind", "{scratch}", INSIDE, "--chdir", INSIDE]
+                 "--dev", "/dev", "--proc", "/proc", *workdir]
         drop = (["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
                 if self.as_root else [])
-        return drop + bwrap + rlimits + program
+        return drop + bwrap + inner
 
     def run(self, program: str, timeout: float = 3.0) -> Execution:
+        if self.persistent:
+            return self._run_in_worker(program, timeout)
+        return self._run_fresh(program, timeout)
+
+    def _run_fresh(self, program: str, timeout: float) -> Execution:
         scratch = Path(tempfile.mkdtemp(prefix="starcoder-sandbox-"))
         try:
             (scratch / "program.py").write_text(program)
@@ -120,9 +154,8 @@ class Sandbox:
             shutil.rmtree(scratch, ignore_errors=True)
 
     def _execute(self, cmd: list[str], scratch: Path, timeout: float) -> Execution:
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
         proc = subprocess.Popen(cmd, cwd=scratch, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True, env=env)
+                                stderr=subprocess.STDOUT, start_new_session=True, env=_host_env())
         chunks: list[bytes] = []
         overflow = threading.Event()
 
@@ -148,14 +181,83 @@ class Sandbox:
         reader.join()
         proc.stdout.close()
         output = b"".join(chunks).decode(errors="replace")
-        if overflow.is_set():
+        return self._verdict(proc.returncode, timed_out, overflow.is_set(), output)
+
+    def _verdict(self, returncode: int, timed_out: bool, overflow: bool, output: str) -> Execution:
+        if overflow:
             return Execution(False, f"failed: output over {self.limits.output_bytes} bytes", output)
         if timed_out:
             return Execution(False, "timed out", output)
-        if proc.returncode == 0:
+        if returncode == 0:
             return Execution(True, "passed", output)
-        last = output.strip().splitlines()[-1] if output.strip() else f"exit status {proc.returncode}"
+        last = output.strip().splitlines()[-1] if output.strip() else f"exit status {returncode}"
         return Execution(False, f"failed: {last}", output)
+
+    def _run_in_worker(self, program: str, timeout: float) -> Execution:
+        source = program.encode()
+        worker = self._acquire()
+        try:
+            if not worker.send(timeout, source):  # it died while idle: a new one takes the sample
+                worker.kill()
+                worker = self._acquire()
+                if not worker.send(timeout, source):
+                    return Execution(False, f"failed: the sandbox worker did not start ({worker.kill()})")
+            reply = worker.receive(deadline=time.monotonic() + timeout + self.worker_grace)
+        except BaseException:
+            self._discard(worker)
+            raise
+        if reply is None or reply == "hung":
+            why = self._discard(worker)
+            return (Execution(False, "timed out") if reply == "hung" else
+                    Execution(False, f"failed: the sandbox worker died ({why})"))
+        code, timed_out, overflow, clean, output = reply
+        if clean:
+            with self._lock:
+                self._idle.append(worker)
+        else:
+            self._discard(worker)
+        return self._verdict(code, timed_out, overflow, output.decode(errors="replace"))
+
+    def _acquire(self) -> "_Worker":
+        with self._lock:
+            while self._idle:
+                worker = self._idle.pop()
+                if worker.proc.poll() is None:
+                    return worker
+                self._live.discard(worker)  # killed while idle: reaped, nothing left to stop
+            if self._launcher is None:
+                self._launcher = ThreadPoolExecutor(1, thread_name_prefix="sandbox-launcher")
+        # bwrap's --die-with-parent follows the thread that started it: one long-lived thread
+        # starts every worker, so a worker outlives the run_many thread that first needed it.
+        proc = self._launcher.submit(
+            subprocess.Popen, self.worker_command(), cwd="/", stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+            env=_host_env()).result()
+        worker = _Worker(proc)
+        with self._lock:
+            self._live.add(worker)
+        return worker
+
+    def _discard(self, worker: "_Worker") -> str:
+        with self._lock:
+            self._live.discard(worker)
+        return worker.kill()
+
+    def close(self) -> None:
+        """Stop the persistent workers (the pool starts again on the next run)."""
+        with self._lock:
+            workers, self._live, self._idle = list(self._live), set(), []
+            launcher, self._launcher = self._launcher, None
+        for worker in workers:
+            worker.kill()
+        if launcher is not None:
+            launcher.shutdown()
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def run_many(self, programs: Sequence[str], timeout: float = 3.0, workers: int | None = None,
                  progress: Callable[[int, Execution], None] | None = None) -> list[Execution]:
@@ -170,6 +272,70 @@ class Sandbox:
                 if progress is not None:
                     progress(i, results[-1])
         return results
+
+
+class _Worker:
+    """The host's end of one persistent worker (see sandbox_worker.py for the frames)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.started = False  # its ready frame has been read
+
+    def send(self, timeout: float, program: bytes) -> bool:
+        """False if the worker is gone (or never came up) before taking the request."""
+        if self.proc.poll() is not None:  # bwrap has gone; what is left of the namespace follows
+            return False
+        try:
+            if not self.started:
+                self.started = _read_exactly(self.proc.stdout, 4, time.monotonic() + 60) not in (None, "hung")
+                if not self.started:
+                    return False
+            self.proc.stdin.write(struct.pack("<dI", timeout, len(program)) + program)
+            self.proc.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError):
+            return False
+
+    def receive(self, deadline: float):
+        """(exit code, timed out, overflow, clean, output); None if it died, "hung" past deadline."""
+        header = _read_exactly(self.proc.stdout, struct.calcsize("<iBBBI"), deadline)
+        if header in (None, "hung"):
+            return header
+        code, timed_out, overflow, clean, size = struct.unpack("<iBBBI", header)
+        output = _read_exactly(self.proc.stdout, size, deadline)
+        if output in (None, "hung"):
+            return output
+        return code, bool(timed_out), bool(overflow), bool(clean), output
+
+    def kill(self) -> str:
+        """Take the whole bwrap down (its init has --die-with-parent); say how it ended."""
+        _kill(self.proc)
+        status = self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        return f"exit status {status}"
+
+
+def _read_exactly(pipe, size: int, deadline: float):
+    """`size` bytes from a pipe; None at end of file, "hung" when the deadline passes first."""
+    fd, chunks, got = pipe.fileno(), [], 0
+    while got < size:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return "hung"
+        chunk = os.read(fd, size - got)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _host_env() -> dict:
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
 
 
 def _kill(proc: subprocess.Popen) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from starcoder.config import UserError
+from starcoder.eval.sandbox import Sandbox
 
 from starcoder.selfalign.parse import parse_response, program
 from starcoder.selfalign.report import read_jsonl, run_file
@@ -29,6 +30,13 @@ def test_validation_classifies_every_planted_response(validated):
     assert report.records_in == report.records_out == len(planted)
     rates = {r["instruction"][:12]: (r["samples"], r["passed"]) for r in report.extra["per_instruction"]}
     assert rates["Write a Pyth"] == (5, 2) and rates["Implement `r"] == (4, 0)
+
+
+def test_the_persistent_pool_labels_every_planted_response_the_same(validated):
+    planted, out, _ = validated
+    with Sandbox(persistent=True) as pool:
+        pooled, _ = validate(planted, pool, timeout=1.0, workers=4)
+    assert [(r["status"], r["reason"]) for r in pooled] == [(r["status"], r["reason"]) for r in out]
 
 
 def test_selection_keeps_one_passing_response_per_instruction(validated):
