@@ -7,6 +7,7 @@ program length) + program bytes; reply `<iBBBI` (exit code, timed out, output ov
 clean, output length) + output bytes. A reply with clean = 0 means this worker could not
 restore its clean state and exits; the host starts another."""
 
+import atexit
 import ctypes
 import json
 import math
@@ -17,6 +18,7 @@ import signal
 import stat
 import struct
 import sys
+import threading  # imported here, not in each child: its _shutdown runs at a sample's end
 import time
 import types
 
@@ -127,9 +129,7 @@ def _child(output: int, timeout: float, limits: dict) -> None:
         sys.excepthook(type(e), e, e.__traceback__)
         status = 1
     try:
-        import threading
         threading._shutdown()  # non-daemon threads finish, as at interpreter exit
-        import atexit
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -157,7 +157,7 @@ def _kill_all_but_me() -> None:
         try:
             os.kill(-1, signal.SIGKILL)
         except ProcessLookupError:
-            pass
+            return  # nothing but pid 1 and this one to signal: the common case
         try:
             while os.waitpid(-1, os.WNOHANG)[0]:
                 pass

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from starcoder.eval.sandbox import Limits, Sandbox
+from starcoder.eval.sandbox import Limits, Sandbox, SandboxUnavailable
 
 
 @pytest.fixture(scope="module", params=["fresh", "persistent"])
@@ -21,12 +21,15 @@ def sandbox(request, sandbox):
         yield box
 
 
-@pytest.fixture
-def pool(sandbox):
-    """The persistent sandbox alone (its tests are about the pool's workers)."""
-    if not sandbox.persistent:
-        pytest.skip("about the persistent pool")
-    return sandbox
+@pytest.fixture(scope="module")
+def pool():
+    """A persistent pool of its own, for the tests about its workers."""
+    with Sandbox(Limits(output_bytes=100_000), persistent=True) as box:
+        try:
+            box.check()
+        except SandboxUnavailable as err:
+            pytest.skip(f"no working bubblewrap sandbox here ({err})")
+        yield box
 
 
 def test_the_scratch_directory_is_writable(sandbox):
@@ -183,8 +186,18 @@ def test_a_sample_leaves_nothing_for_the_next_in_its_worker(pool):
     assert traces == "[] [] 0 ['work']"  # no file, no process, no shared memory; a new scratch
 
 
+def test_a_sample_cannot_reach_into_its_worker(pool):
+    program = ("import ctypes, os\nworker = os.getppid()\n"
+               "assert ctypes.CDLL(None).ptrace(16, worker, 0, 0) == -1  # PTRACE_ATTACH\n"
+               "for path in (f'/proc/{worker}/mem', f'/proc/{worker}/fd/0', f'/proc/{worker}/fd/3'):\n"
+               "    try:\n        open(path, 'rb')\n        print('opened', path)\n"
+               "    except PermissionError:\n        pass\n")
+    r = pool.run(program)
+    assert r.passed and "opened" not in r.output, r.output
+
+
 def test_a_worker_killed_from_outside_is_replaced(pool):
-    assert pool.run("pass").passed
+    assert all(r.passed for r in pool.run_many(["pass"] * 2, workers=2))
     for worker in pool._idle:  # the next sample is handed one of them
         os.killpg(worker.proc.pid, signal.SIGKILL)
         worker.proc.wait()
