@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1.0)
     args = parser.parse_args()
     programs, expected = planted_programs(args.repeat)
-    fresh, pool = Sandbox(), Sandbox(persistent=True)
+    fresh, pool = Sandbox(persistent=False), Sandbox(persistent=True)
     fresh.check()
     executors = {w: ProcessPoolExecutor(w) for w in args.workers}
     configs = {

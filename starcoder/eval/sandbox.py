@@ -16,8 +16,8 @@ folder. The parent enforces the wall clock by killing the process group (bwrap's
 --die-with-parent takes the namespace down with it) and reads output with a cap, since the
 file-size limit does not apply to pipes.
 
-`Sandbox(persistent=True)` keeps one such sandbox per parallel slot instead (about 5 ms a sample
-against 77: the cost of bwrap and a Python start goes). Its `python3 -I` runs
+By default (`persistent=True`) one such sandbox per parallel slot is kept instead (about 5 ms a
+sample against 77: the cost of bwrap and a Python start goes); `persistent=False` is the above. Its `python3 -I` runs
 `sandbox_worker.py`, which never runs a sample itself. Per sample it writes program.py into a
 new /tmp/work and forks a child that takes a new session, /dev/null as stdin, a pipe as stdout
 and stderr and no other descriptor, sets the rlimits (hard, and RLIMIT_MSGQUEUE 0 so no POSIX
@@ -41,8 +41,9 @@ running at once share it), the uid's kernel keyrings, the read-only root.
 Running the program in the fork rather than exec'ing `python3 -I program.py` from it: 126 vs
 57 samples/s on one worker, 200 vs 65 on two (2-core machine); both are isolated the same way
 (the exec'd one only gains a fresh hash seed and address space, and the zeroed buffers cover
-the latter). With `unsafe_no_sandbox` there is no namespace to clean, so every program runs in
-its own process as before.
+the latter). `check()` falls back to fresh sandboxes, with a warning, where the pool cannot start
+(the worker needs Python >= 3.9 and Linux >= 5.3 for pidfd_open). With `unsafe_no_sandbox` there
+is no namespace to clean, so every program runs in its own process as before.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ from starcoder.config import UserError
 
 NOBODY = 65534
 INSIDE = "/tmp/work"
-WORKER_SOURCE = (Path(__file__).with_name("sandbox_worker.py")).read_text()
+WORKER_SOURCE = Path(__file__).with_name("sandbox_worker.py").read_text()
 
 
 @dataclass
@@ -92,9 +93,10 @@ class SandboxUnavailable(UserError):
 
 
 class Sandbox:
-    """Runs Python programs one per call (`run`) or many in parallel (`run_many`): each in a
-    fresh sandbox, or with `persistent` in a pool of long-lived sandboxed workers, started as
-    needed (one per parallel slot) and stopped by `close()` or the end of a `with` block.
+    """Runs Python programs one per call (`run`) or many in parallel (`run_many`): in a pool of
+    long-lived sandboxed workers (`persistent`, the default), started as needed, one per
+    parallel slot, and stopped by `close()`, the end of a `with` block or of this process; or
+    each in a fresh sandbox (`persistent=False`).
 
     `python` is looked up on the sandbox's PATH (/usr/local/bin, /usr/bin, /bin): the caller's
     own interpreter may live under /root or /home, which the sandbox hides."""
@@ -102,7 +104,7 @@ class Sandbox:
     worker_grace = 5.0  # seconds past a sample's timeout before the host gives up on its worker
 
     def __init__(self, limits: Limits = Limits(), unsafe_no_sandbox: bool = False,
-                 python: str = "python3", *, persistent: bool = False):
+                 python: str = "python3", *, persistent: bool = True):
         self.limits, self.unsafe, self.python = limits, unsafe_no_sandbox, python
         self.as_root = os.geteuid() == 0
         self.persistent = persistent and not unsafe_no_sandbox  # the pool needs the namespace
@@ -125,7 +127,15 @@ class Sandbox:
                 f"the sandbox needs {', '.join(missing)} (Debian: apt-get install bubblewrap "
                 f"util-linux); refusing to run generated code without it (--unsafe-no-sandbox "
                 f"runs it unprotected)")
-        result = self.run("print('ok')", timeout=10.0)
+        result = self._run_fresh("print('ok')", timeout=10.0)
+        if result.passed and result.output.strip() == "ok" and self.persistent:
+            pooled = self.run("print('ok')", timeout=10.0)
+            if not pooled.passed or pooled.output.strip() != "ok":  # e.g. a python3 before 3.9
+                print(f"WARNING: the persistent sandbox pool does not start here "
+                      f"({pooled.result.removeprefix('failed: ')}); running a fresh sandbox per "
+                      f"program instead", file=sys.stderr)
+                self.close()
+                self.persistent = False
         if not result.passed or result.output.strip() != "ok":
             raise SandboxUnavailable(
                 f"bubblewrap cannot start a sandbox here ({result.result.removeprefix('failed: ')}"
@@ -228,10 +238,11 @@ class Sandbox:
         worker = self._acquire()
         try:
             if not worker.send(timeout, source):  # it died while idle: a new one takes the sample
-                worker.kill()
+                self._discard(worker)
                 worker = self._acquire()
                 if not worker.send(timeout, source):
-                    return Execution(False, f"failed: the sandbox worker did not start ({worker.kill()})")
+                    why = self._discard(worker)
+                    return Execution(False, f"failed: the sandbox worker did not start ({why})")
             reply = worker.receive(deadline=time.monotonic() + timeout + self.worker_grace)
         except BaseException:
             self._discard(worker)
@@ -291,8 +302,8 @@ class Sandbox:
 
     def run_many(self, programs: Sequence[str], timeout: float = 3.0, workers: int | None = None,
                  progress: Callable[[int, Execution], None] | None = None) -> list[Execution]:
-        """Execute in parallel threads (each waits on its own process); `progress(i, result)`
-        is called, in the caller's thread, as each finishes."""
+        """Execute in parallel threads (each waits on its own process or worker);
+        `progress(i, result)` is called, in the caller's thread, as each finishes."""
         workers = workers or max(1, min(8, os.cpu_count() or 1))
         with ThreadPoolExecutor(workers) as pool:
             futures = [pool.submit(self.run, p, timeout) for p in programs]

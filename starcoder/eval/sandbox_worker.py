@@ -229,7 +229,7 @@ def _listing(folder: str) -> dict:
     return out
 
 
-def _read_exactly(fd: int, size: int, into: bytearray | None = None):
+def _read_exactly(fd: int, size: int, into=None):
     buf = into if into is not None else bytearray(size)
     view, got = memoryview(buf), 0
     while got < size:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from starcoder.eval import sandbox as sandbox_module
 from starcoder.eval.sandbox import Limits, Sandbox, SandboxUnavailable
 
 
@@ -211,6 +212,14 @@ def test_a_hung_worker_is_killed_and_its_sample_timed_out(pool, monkeypatch):
     r = pool.run("import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)\n", timeout=0.5)
     assert r.result == "timed out" and time.monotonic() - start < 3
     assert pool.run("print('next')").passed
+
+
+def test_a_pool_that_cannot_start_falls_back_to_fresh_sandboxes(pool, monkeypatch, capsys):
+    monkeypatch.setattr(sandbox_module, "WORKER_SOURCE", "raise SystemExit(3)")
+    box = Sandbox(persistent=True)
+    box.check()
+    assert not box.persistent and "pool does not start" in capsys.readouterr().err
+    assert box.run("print('fresh')").output == "fresh\n"
 
 
 def test_closing_the_pool_leaves_no_process(pool):

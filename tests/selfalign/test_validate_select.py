@@ -32,11 +32,11 @@ def test_validation_classifies_every_planted_response(validated):
     assert rates["Write a Pyth"] == (5, 2) and rates["Implement `r"] == (4, 0)
 
 
-def test_the_persistent_pool_labels_every_planted_response_the_same(validated):
-    planted, out, _ = validated
-    with Sandbox(persistent=True) as pool:
-        pooled, _ = validate(planted, pool, timeout=1.0, workers=4)
-    assert [(r["status"], r["reason"]) for r in pooled] == [(r["status"], r["reason"]) for r in out]
+def test_both_sandbox_modes_label_every_planted_response_the_same(validated, sandbox):
+    planted, out, _ = validated  # in the session sandbox's mode
+    with Sandbox(persistent=not sandbox.persistent) as other:
+        again, _ = validate(planted, other, timeout=1.0, workers=4)
+    assert [(r["status"], r["reason"]) for r in again] == [(r["status"], r["reason"]) for r in out]
 
 
 def test_selection_keeps_one_passing_response_per_instruction(validated):
