@@ -114,14 +114,14 @@ def _child(output: int, timeout: float, limits: dict) -> None:
         sys.argv = ["program.py"]
         with open("program.py", "rb") as f:
             source = f.read()
-        main = types.ModuleType("__main__")  # a fresh __main__, so pickle and dataclasses find it
-        main.__file__ = PROGRAM
-        sys.modules["__main__"] = main
+        module = types.ModuleType("__main__")  # a fresh __main__: pickle and dataclasses find it
+        module.__file__ = PROGRAM
+        sys.modules["__main__"] = module
     except BaseException:
         os._exit(125)  # the harness itself failed; reported as a failure
     status = 0
     try:
-        exec(compile(source, PROGRAM, "exec"), main.__dict__)
+        exec(compile(source, PROGRAM, "exec"), module.__dict__)
     except SystemExit as e:
         status = _exit_status(e)
     except BaseException as e:
