@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from starcoder.config import UserError
+from starcoder.eval.sandbox import Sandbox
 
 from starcoder.selfalign.parse import parse_response, program
 from starcoder.selfalign.report import read_jsonl, run_shard
@@ -29,6 +30,13 @@ def test_validation_classifies_every_planted_response(validated):
     assert report.records_in == report.records_out == len(planted)
     rates = {r["instruction"][:12]: (r["samples"], r["passed"]) for r in report.extra["per_instruction"]}
     assert rates["Write a Pyth"] == (5, 2) and rates["Implement `r"] == (4, 0)
+
+
+def test_both_sandbox_modes_label_every_planted_response_the_same(validated, sandbox):
+    planted, out, _ = validated  # in the session sandbox's mode
+    with Sandbox(persistent=not sandbox.persistent) as other:
+        again, _ = validate(planted, other, timeout=1.0, workers=4)
+    assert [(r["status"], r["reason"]) for r in again] == [(r["status"], r["reason"]) for r in out]
 
 
 def test_selection_keeps_one_passing_response_per_instruction(validated):
