@@ -71,6 +71,21 @@ if [[ -z ${TOKENIZER:-} && -f $MODEL/checkpoints/latest ]]; then  # a training r
     tokenizer=$MODEL/checkpoints/$(< "$MODEL/checkpoints/latest")
 fi
 
+shape=()  # checked before step 1, not hours later
+if [[ -n ${MODEL_SHAPE:-} ]]; then  # the preset's model section, every key, as --set items
+    shape_lines=$("$PYTHON" -c '
+import dataclasses, json, sys
+from starcoder.config import UserError, load_config
+try:
+    model = load_config(sys.argv[1]).model
+except UserError as err:
+    print(f"error: MODEL_SHAPE={sys.argv[1]}: {err}", file=sys.stderr)
+    sys.exit(2)
+for key, value in dataclasses.asdict(model).items():
+    print(f"--set\nmodel.{key}={json.dumps(value)}")' "$MODEL_SHAPE")
+    mapfile -t shape <<< "$shape_lines"
+fi
+
 echo "== 1/4 selfalign -> $OUT/selfalign"
 if [[ " ${selfalign_args[*]} " =~ " --executor"[=\ ]"slurm " && -f $OUT/selfalign/report.json ]]; then
     echo "the Slurm jobs have ended ($OUT/selfalign/report.json): not resubmitted"
@@ -100,15 +115,6 @@ echo "== 3/4 train $RECIPE from $MODEL -> $run"
 if [[ -f $run/config.yaml && $data.json -nt $run/config.yaml ]]; then
     echo "error: $data was remade after $run began: delete $run to train on it" >&2
     exit 2
-fi
-shape=()
-if [[ -n ${MODEL_SHAPE:-} ]]; then  # the preset's model section, every key, as --set items
-    shape_lines=$("$PYTHON" -c '
-import dataclasses, json, sys
-from starcoder.config import load_config
-for key, value in dataclasses.asdict(load_config(sys.argv[1]).model).items():
-    print(f"--set\nmodel.{key}={json.dumps(value)}")' "$MODEL_SHAPE")
-    mapfile -t shape <<< "$shape_lines"
 fi
 "${train_cmd[@]}" --config "$RECIPE" "${shape[@]}" --set "train.init_from=$MODEL" \
     --set "data.paths=[$data]" --set "data.tokenizer=$tokenizer" --set "train.output_dir=$run" \

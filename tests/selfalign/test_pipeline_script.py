@@ -93,3 +93,12 @@ def test_a_selection_that_kept_nothing_stops_before_preprocess_with_one_line(tmp
         f"error: selfalign kept no passing response: nothing to fine-tune on; "
         f"see {out}/selfalign/report.json")
     assert "== 2/4" not in stopped.stdout and not (out / "data").exists()
+
+
+def test_a_wrong_model_shape_stops_before_selfalign(tmp_path):
+    out = tmp_path / "pipeline"
+    stopped = pipeline(out, tmp_path / "base", PLANTED, MODEL_SHAPE="tiny-sc3")
+    assert stopped.returncode == 2
+    assert stopped.stderr.strip().splitlines()[-1].startswith(
+        "error: MODEL_SHAPE=tiny-sc3: config tiny-sc3: no such file or preset (presets: ")
+    assert not out.exists()
