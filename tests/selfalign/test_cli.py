@@ -23,11 +23,8 @@ SHARDS = "run.shards=4"  # one instruction per responses shard: a kill lands bet
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--output-dir", str(out), "--steps", "2", "--max-files", "8",
-                 "--threads", "1", "--set", "log.progress_bar=false"]) == 0
-    return str(out / "run")
+def model(demo_run):
+    return str(demo_run)
 
 
 def command(model, output, *extra):

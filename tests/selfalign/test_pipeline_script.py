@@ -10,10 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from starcoder.cli import main
 from starcoder.config import load_config
 from starcoder.selfalign.report import read_jsonl
 
@@ -29,15 +27,8 @@ TINY_TRAIN = ("--set parallel.tensor_parallel=1 --set parallel.sequence_parallel
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    threads = torch.get_num_threads()
-    try:
-        assert main(["demo", "--output-dir", str(out), "--steps", "2", "--max-files", "8",
-                     "--threads", "1", "--set", "log.progress_bar=false"]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return out / "run"
+def model(demo_run):
+    return demo_run
 
 
 def pipeline(out, model, responses, **settings):
