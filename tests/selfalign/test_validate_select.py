@@ -108,3 +108,29 @@ def test_near_duplicate_instructions_keep_one():
     kept, report = select(rows, seed=0)
     assert len(kept) == 2 and report.drops["near-duplicate instruction"] == 1
     assert report.drops["near-duplicate response"] == report.drops["near-duplicate code"] == 0
+
+
+HOSTILE = {  # the eval sandbox's hostile programs (tests/eval/test_sandbox.py), as responses
+    "write outside": "open({probe!r}, 'w').write('pwned')",
+    "network": "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=2)",
+    "remount": "import subprocess\nsubprocess.run(['mount', '-o', 'remount,rw,bind', '/'], check=True)",
+    "fork bomb": "import os\nfor _ in range(300):\n    if os.fork() == 0:\n        import time; time.sleep(5); os._exit(0)",
+    "memory": "x = bytearray(100 * 10**9)",
+    "loop": "import os\nfor _ in range(3):\n    if os.fork() == 0:\n        break\nwhile True:\n    pass",
+    "output": "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)",
+    "parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.kill(-1, signal.SIGKILL)",
+}
+
+
+def test_hostile_responses_fail_inside_the_sandbox_and_harm_nothing(sandbox, tmp_path):
+    probe = tmp_path / "pwned"
+    fence = "`" * 3
+    records = [{"instruction": name, "response": f"### Response\n{fence}python\n{code.format(probe=str(probe))}\n"
+                f"{fence}\n\n### Tests\n{fence}python\nassert True\n{fence}\n"} for name, code in HOSTILE.items()]
+    records.append({"instruction": "benign", "response": records[0]["response"].replace(
+        f"open({str(probe)!r}, 'w').write('pwned')", "x = 1")})
+    out, report = validate(records, sandbox, timeout=2.0, workers=2)
+    status = {r["instruction"]: r["status"] for r in out}
+    assert status.pop("benign") == "pass"  # the sandbox still runs programs after all of them
+    assert status == {**{name: "fail" for name in HOSTILE}, "loop": "timeout"}
+    assert not probe.exists()
