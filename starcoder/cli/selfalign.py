@@ -96,7 +96,8 @@ def run(args) -> int:
         raise UserError("--seeds: needed by the seeds stage (Python files or folders, or `stdlib`)")
     if "validate" in stages:
         from starcoder.eval.sandbox import Sandbox
-        Sandbox(unsafe_no_sandbox=args.unsafe_no_sandbox).check()
+        with Sandbox(unsafe_no_sandbox=args.unsafe_no_sandbox) as sandbox:
+            sandbox.check()
     job = Job(str(Path(args.output).resolve()), cfg, stages,
               str(Path(args.model).resolve()) if args.model else None,
               [str(Path(s).resolve()) for s in seeds], backend=args.backend, device=args.device,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -27,6 +28,7 @@ from starcoder.config import UserError
 from starcoder.selfalign.config import GENERATION_STAGES, STAGES, SelfAlignConfig
 from starcoder.selfalign.report import (StageReport, load_report, merge_reports, read_jsonl,
                                         run_shard, write_json, write_jsonl)
+from starcoder.selfalign.stages import TOO_LONG
 
 EXECUTORS = ("local", "slurm")
 # The fields each stage reads from a record.
@@ -94,8 +96,9 @@ def shard_seed(seed: int, stage: str, k: int) -> int:
     return stable_hash(f"{seed}/{stage}/{k}") % 2**31
 
 
-def stage_function(job: Job, stage: str, rank: int):
-    """records, seed -> (records, report) for one shard; loads the model or the sandbox once."""
+def stage_function(job: Job, stage: str, rank: int, resources: ExitStack):
+    """records, seed -> (records, report) for one shard; loads the model or starts the sandbox
+    once (its workers are stopped when `resources` closes)."""
     from starcoder.selfalign import stages
 
     cfg = job.cfg
@@ -109,7 +112,7 @@ def stage_function(job: Job, stage: str, rank: int):
     if stage == "validate":
         from starcoder.eval.sandbox import Sandbox
         from starcoder.selfalign.validate import validate
-        sandbox = Sandbox(unsafe_no_sandbox=job.unsafe_no_sandbox)
+        sandbox = resources.enter_context(Sandbox(unsafe_no_sandbox=job.unsafe_no_sandbox))
         v = cfg.validate
         return lambda records, seed: validate(records, sandbox, v.timeout, v.workers or None)
     from starcoder.selfalign.select import select
@@ -167,12 +170,19 @@ def run_stage_task(job: Job, stage: str, rank: int, world_size: int) -> None:
         return
     records = stage_input(job, stage)
     shards = split(stage, records, job.shards(stage))
-    run = stage_function(job, stage, rank)
-    for k in mine:
-        report = run_shard(lambda r, k=k: run(r, shard_seed(job.cfg.run.seed, stage, k)),
-                           lambda k=k: shards[k], job.shard_path(stage, k), job.report_path(stage, k))
-        logger.info(f"selfalign {stage} shard {k + 1}/{job.shards(stage)}: "
-                    f"{report.records_in} in, {report.records_out} out{throughput(report)}")
+    with ExitStack() as resources:
+        run = stage_function(job, stage, rank, resources)
+        for k in mine:
+            report = run_shard(lambda r, k=k: run(r, shard_seed(job.cfg.run.seed, stage, k)),
+                               lambda k=k: shards[k], job.shard_path(stage, k), job.report_path(stage, k))
+            logger.info(f"selfalign {stage} shard {k + 1}/{job.shards(stage)}: "
+                        f"{report.records_in} in, {report.records_out} out{throughput(report)}")
+            if report.drops.get(TOO_LONG):
+                x = report.extra
+                logger.warning(f"selfalign {stage}: {report.drops[TOO_LONG]} samples dropped, their "
+                               f"prompt did not fit (prefix {x['prompt_file']} {x['prompt_prefix_tokens']} "
+                               f"tokens, longest prompt {x['longest_prompt_tokens']}, context "
+                               f"{x['context']}, {stage}.max_new_tokens {getattr(job.cfg, stage).max_new_tokens})")
 
 
 def throughput(report: StageReport) -> str:
