@@ -12,12 +12,16 @@ pair-sum as it weights token sums (its share of the global count of pairs). The 
 - `frozen`: the initial policy beside the training one, in eval mode without gradients; with LoRA
   the model itself under `adapters_off` (the frozen base), so no second copy exists;
 - `precomputed`: one forward-only pass of that reference over every training pair before step 1
-  (pairs split over data-parallel ranks, then summed), kept in memory by pair number. A resumed run
-  computes it again from the same initial weights: the same numbers, no file to keep in sync.
+  (pairs split over data-parallel ranks, then summed), kept in memory by pair number; with
+  `train.eval_every` also over the validation pairs that validation reads, in a table of their
+  own. A resumed run computes them again from the same initial weights: the same numbers, no file
+  to keep in sync.
 
 Metrics (TRL's names; means over the global batch's pairs): `rewards/chosen` beta (pi_c - ref_c),
 `rewards/rejected`, `rewards/accuracies` (chosen reward above rejected), `rewards/margins`,
-`logps/chosen`, `logps/rejected`.
+`logps/chosen`, `logps/rejected`. Validation (`evaluate`, on the validation split's pairs) logs
+the mean pair loss as `val_loss` and these metrics as `val_rewards/chosen`, ... (TRL's
+`eval_loss`, `eval_rewards/chosen`, ...).
 """
 
 from __future__ import annotations
@@ -168,7 +172,8 @@ class DPO:
                 policy = sequence_logps(self.model(tokens[:, :-1], tokens[:, 1:]), mask)
                 reference = self.reference_logps(mb, tokens, mask, self.valid_table)
                 losses, sums = dpo_losses(policy, reference, self.beta, self.smoothing)
-                totals += torch.cat([totals.new_tensor([len(losses)]), losses.sum().reshape(1), sums])
+                pairs = totals.new_tensor([len(losses)])
+                totals += torch.cat([pairs, losses.sum().reshape(1), sums])
         finally:
             self.model.train(training)
         pairs, *sums = reduce(totals).tolist()

@@ -458,7 +458,8 @@ class Trainer:
                              "gives the validation split no documents)")
             return math.nan
         if self.dpo is not None:
-            record = self.dpo.evaluate(islice(loader, cfg.train.eval_steps * self.accum), self._dp_sum)
+            record = self.dpo.evaluate(islice(loader, cfg.train.eval_steps * self.accum),
+                                       self._dp_sum)
             self.logger.log({"step": self.state.step, **record})
             self._restart_interval()
             return record["val_loss"]

@@ -93,31 +93,29 @@ def test_loss_metrics_and_validation_equal_the_formula_on_transformers_logps(tin
     records = metrics(tmp_path / "run")
     logged = [r for r in records if "lr" in r][1]
     assert logged["step"] == 2
-    policies = {step: to_hf(tmp_path / f"run/checkpoints/step_{step:07d}", tmp_path / f"policy{step}")
-                for step in (1, 2)}
+    policies = {step: to_hf(tmp_path / f"run/checkpoints/step_{step:07d}",
+                            tmp_path / f"policy{step}") for step in (1, 2)}
     tokenizer = load_tokenizer(cfg.data.tokenizer)
 
     loader = build_train_loader(cfg, tokenizer, dp_rank=0, dp_size=1,
                                 consumed_samples=cfg.train.global_batch_size)  # step 2's pairs
-    mbs = [next(loader) for _ in range(2)]
-    assert all(mb["tokens"].shape[0] == 4 for mb in mbs)  # 2 pairs: chosen, rejected rows
-    tokens = torch.cat([mb["tokens"] for mb in mbs])
-    mask = torch.cat([mb["loss_mask"] for mb in mbs])
-    pi = hf_logps(policies[1], tokens, mask)
-    assert_logged(logged, formula(pi, hf_logps(base["hf"], tokens, mask)), pi)
-
-    # Validation after step s scores the held-out pairs with the policy of step s.
-    valid = list(build_valid_loader(cfg, tokenizer, dp_rank=0, dp_size=1))
-    tokens = torch.cat([mb["tokens"] for mb in valid])
-    mask = torch.cat([mb["loss_mask"] for mb in valid])
-    prompts = sorted(tokenizer.decode(row.tolist()).split("\n")[0] for row in tokens[0::2])
+    train = [next(loader) for _ in range(2)]
+    assert all(mb["tokens"].shape[0] == 4 for mb in train)  # 2 pairs: chosen, rejected rows
+    valid = list(build_valid_loader(cfg, tokenizer, dp_rank=0, dp_size=1))  # the held-out pairs
+    tokens = torch.cat([mb["tokens"] for mb in train + valid])
+    mask = torch.cat([mb["loss_mask"] for mb in train + valid])
+    prompts = sorted(tokenizer.decode(row.tolist()).split("\n")[0] for row in tokens[8::2])
     assert prompts == [f"Q: Go on {i}" for i in range(12, 16)]  # exactly the last 4 of 16
     ref = hf_logps(base["hf"], tokens, mask)
+    pi = {step: hf_logps(folder, tokens, mask) for step, folder in policies.items()}
+    assert_logged(logged, formula(pi[1][:8], ref[:8]), pi[1][:8])
+
+    # Validation after step s scores the held-out pairs with the policy of step s.
     validation = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in validation] == [1, 2] and set(validation[0]) == {"step", *VAL_KEYS}
     for record in validation:
-        pi = hf_logps(policies[record["step"]], tokens, mask)
-        assert_logged(record, formula(pi, ref), pi, prefix="val_")
+        policy = pi[record["step"]][8:]
+        assert_logged(record, formula(policy, ref[8:]), policy, prefix="val_")
 
 
 def test_validation_pairs_never_appear_in_training_batches(corpus, tmp_path):
@@ -142,14 +140,15 @@ def test_precomputed_reference_gives_the_frozen_run(tiny_models, corpus, tmp_pat
     runs = {}
     for ref in ("frozen", "precomputed"):
         # Every step sees all 12 training pairs, so the loss can only fall by learning them;
-        # validation reads each of the 4 held-out pairs 3 times.
+        # validation (after step 3) reads each of the 4 held-out pairs 3 times.
         run(dpo_config(tiny_models["sc2"]["native"], corpus, tmp_path / ref, "train.max_steps=3",
                        "train.global_batch_size=12", "train.micro_batch_size=4", "train.lr=1e-3",
-                       "train.lr_schedule=constant", f"finetune.dpo_reference={ref}", *HELD_OUT))
+                       "train.lr_schedule=constant", f"finetune.dpo_reference={ref}", *HELD_OUT,
+                       "train.eval_every=3"))
         runs[ref] = metrics(tmp_path / ref)
     train = [r for r in runs["frozen"] if "lr" in r]
     assert train[-1]["loss"] < train[0]["loss"]  # it learns the preference
-    assert len(runs["frozen"]) == len(runs["precomputed"]) == 6  # 3 steps, 3 validations
+    assert len(runs["frozen"]) == len(runs["precomputed"]) == 4  # 3 steps, 1 validation
     for a, b in zip(runs["frozen"], runs["precomputed"]):
         assert a.keys() == b.keys()
         for key in ("loss", "grad_norm", *METRICS) if "lr" in a else VAL_KEYS:
