@@ -309,6 +309,18 @@ def build_pair_dataset(cfg: Config, tokenizer: Tokenizer) -> PairBatches:
     return dataset
 
 
+def build_valid_pairs(cfg: Config, tokenizer: Tokenizer) -> Optional[tuple[PairBatches, list[int]]]:
+    """The validation split's preference pairs and the numbers of those `build_valid_loader`
+    reads (its first train.eval_steps x train.global_batch_size stream positions, in order);
+    None when `data.split` gives validation no pairs."""
+    t = cfg.train
+    num_samples = t.eval_steps * t.global_batch_size
+    dataset = _build(cfg, tokenizer, VALID, num_samples)
+    if dataset is None:
+        return None
+    return dataset, dataset.pair_numbers(range(num_samples))
+
+
 def build_train_loader(cfg: Config, tokenizer: Tokenizer, *, dp_rank: int, dp_size: int,
                        consumed_samples: int) -> Iterator[dict]:
     _check(cfg, dp_rank, dp_size)

@@ -278,8 +278,12 @@ class PairBatches(_EpochShuffled):
         return len(self.pairs)
 
     def __getitem__(self, positions: list[int]) -> dict:
+        return self.batch(self.pair_numbers(positions))
+
+    def pair_numbers(self, positions) -> list[int]:
+        """The pairs (numbers in the split) at these stream positions."""
         n = len(self.pairs)
-        return self.batch([int(self.order(j // n)[j % n]) for j in positions])
+        return [int(self.order(j // n)[j % n]) for j in positions]
 
     def batch(self, pair_index: list[int]) -> dict:
         """The micro-batch of these pairs (numbers in the split)."""

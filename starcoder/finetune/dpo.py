@@ -12,18 +12,23 @@ pair-sum as it weights token sums (its share of the global count of pairs). The 
 - `frozen`: the initial policy beside the training one, in eval mode without gradients; with LoRA
   the model itself under `adapters_off` (the frozen base), so no second copy exists;
 - `precomputed`: one forward-only pass of that reference over every training pair before step 1
-  (pairs split over data-parallel ranks, then summed), kept in memory by pair number. A resumed run
-  computes it again from the same initial weights: the same numbers, no file to keep in sync.
+  (pairs split over data-parallel ranks, then summed), kept in memory by pair number; with
+  `train.eval_every` also over the validation pairs that validation reads, in a table of their
+  own. A resumed run computes them again from the same initial weights: the same numbers, no file
+  to keep in sync.
 
 Metrics (TRL's names; means over the global batch's pairs): `rewards/chosen` beta (pi_c - ref_c),
 `rewards/rejected`, `rewards/accuracies` (chosen reward above rejected), `rewards/margins`,
-`logps/chosen`, `logps/rejected`.
+`logps/chosen`, `logps/rejected`. Validation (`evaluate`, on the validation split's pairs) logs
+the mean pair loss as `val_loss` and these metrics as `val_rewards/chosen`, ... (TRL's
+`eval_loss`, `eval_rewards/chosen`, ...).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from typing import Callable
 
 import torch
@@ -79,7 +84,9 @@ class DPO:
         self.lora = bool(f.lora_rank)
         self.model = model
         self.reference = None if self.lora else build_reference().eval().requires_grad_(False)
-        self.table = None  # precomputed: float64 [pairs, 2], reference log-probs by pair number
+        # precomputed: float64 [pairs, 2], reference log-probs by pair number, of the training
+        # split and of the validation pairs
+        self.table = self.valid_table = None
         self.sums = torch.zeros(len(METRICS), dtype=torch.float64, device=device)
 
     @contextlib.contextmanager
@@ -97,17 +104,32 @@ class DPO:
         finally:
             self.model.train(training)
 
-    def reference_logps(self, mb: dict, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.table is not None:
-            return self.table[mb["pair_index"].to(self.device)].reshape(-1)
+    def reference_logps(self, mb: dict, tokens: torch.Tensor, mask: torch.Tensor,
+                        table: torch.Tensor | None) -> torch.Tensor:
+        """The reference's sequence log-probs of the micro-batch: looked up by pair number in
+        `table` (precomputed), else computed now."""
+        if table is not None:
+            return table[mb["pair_index"].to(self.device)].reshape(-1)
         with self._reference() as ref:
             return sequence_logps(ref(tokens[:, :-1], tokens[:, 1:]), mask)
 
-    def precompute(self, dataset, micro: int, dp_rank: int, dp_size: int, group) -> None:
-        """The reference log-probs of every pair of `dataset` (a PairBatches), this data-parallel
-        rank computing pairs dp_rank, dp_rank + dp_size, ... in micro-batches of `micro`."""
+    def precompute(self, train, valid, micro: int, dp_rank: int, dp_size: int, group) -> None:
+        """The reference log-probs of every training pair (`train`, a PairBatches) and, given
+        `valid` (its PairBatches and the pair numbers validation reads), of those validation
+        pairs; then the reference copy is freed."""
+        self.table = self._reference_table(train, range(len(train)), micro, dp_rank, dp_size, group)
+        if valid is not None:
+            self.valid_table = self._reference_table(*valid, micro, dp_rank, dp_size, group)
+        self.reference = None  # the pass is done: the copy is not needed any more
+
+    def _reference_table(self, dataset, pairs, micro: int, dp_rank: int, dp_size: int, group
+                         ) -> torch.Tensor:
+        """float64 [len(dataset), 2]: the reference log-probs of `pairs` (pair numbers of
+        `dataset`), NaN for the others; this data-parallel rank computes every dp_size-th of
+        the distinct pairs in micro-batches of `micro`, then the ranks' tables are summed."""
         table = torch.zeros(len(dataset), 2, dtype=torch.float64, device=self.device)
-        mine = list(range(dp_rank, len(dataset), dp_size))
+        distinct = sorted(set(pairs))
+        mine = distinct[dp_rank::dp_size]
         for start in range(0, len(mine), micro):
             index = mine[start:start + micro]
             mb = dataset.batch(index)
@@ -117,15 +139,16 @@ class DPO:
             table[torch.tensor(index, device=self.device)] = logps.reshape(-1, 2)
         if dp_size > 1:
             dist.all_reduce(table, group=group)
-        self.table = table
-        self.reference = None  # the pass is done: the copy is not needed any more
+        missing = torch.ones(len(dataset), dtype=torch.bool, device=self.device)
+        missing[torch.tensor(distinct, dtype=torch.int64, device=self.device)] = False
+        return table.masked_fill_(missing[:, None], math.nan)  # a lookup of one would show
 
     def loss_sum(self, token_losses: torch.Tensor, mb: dict, tokens: torch.Tensor,
                  mask: torch.Tensor) -> torch.Tensor:
         """The sum of the micro-batch's pair losses (to backpropagate); adds its metric sums."""
         policy = sequence_logps(token_losses, mask)
-        losses, sums = dpo_losses(policy, self.reference_logps(mb, tokens, mask), self.beta,
-                                  self.smoothing)
+        losses, sums = dpo_losses(policy, self.reference_logps(mb, tokens, mask, self.table),
+                                  self.beta, self.smoothing)
         self.sums += sums
         return losses.sum()
 
@@ -134,3 +157,25 @@ class DPO:
         sums = reduce(self.sums)
         self.sums = torch.zeros_like(self.sums)
         return {name: value / max(pairs, 1.0) for name, value in zip(METRICS, sums.tolist())}
+
+    @torch.no_grad()
+    def evaluate(self, batches, reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+        """`val_loss` (the mean pair loss) and `val_` + each of `METRICS` (means) over the pairs
+        of `batches` (this rank's validation micro-batches; `reduce` sums over the ranks)."""
+        training = self.model.training
+        self.model.eval()
+        totals = torch.zeros(2 + len(METRICS), dtype=torch.float64, device=self.device)
+        try:
+            for mb in batches:
+                tokens = mb["tokens"].to(self.device)
+                mask = mb["loss_mask"].to(self.device)
+                policy = sequence_logps(self.model(tokens[:, :-1], tokens[:, 1:]), mask)
+                reference = self.reference_logps(mb, tokens, mask, self.valid_table)
+                losses, sums = dpo_losses(policy, reference, self.beta, self.smoothing)
+                pairs = totals.new_tensor([len(losses)])
+                totals += torch.cat([pairs, losses.sum().reshape(1), sums])
+        finally:
+            self.model.train(training)
+        pairs, *sums = reduce(totals).tolist()
+        means = [value / pairs if pairs else math.nan for value in sums]
+        return dict(zip(["val_loss", *(f"val_{name}" for name in METRICS)], means))

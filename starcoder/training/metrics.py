@@ -144,8 +144,11 @@ class MetricsLogger:
 
 
 def console_line(r: dict) -> str:
-    if "val_loss" in r:
+    if "val_ppl" in r:
         return f"step {r['step']:>7} | validation loss {r['val_loss']:.4f} | ppl {r['val_ppl']:.2f}"
+    if "val_rewards/margins" in r:  # DPO's validation
+        return (f"step {r['step']:>7} | validation loss {r['val_loss']:.4f} | reward accuracy "
+                f"{r['val_rewards/accuracies']:.3f} | margin {r['val_rewards/margins']:.4f}")
     if "lr" not in r:  # other evaluations (e.g. HumanEval): their own keys
         return " | ".join([f"step {r['step']:>7}"] + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                       for k, v in r.items() if k != "step"])

@@ -47,7 +47,7 @@ from starcoder.convert.weights import load_weights
 from starcoder.config import Config, ConfigError, UserError, accumulation_steps
 from starcoder.data import (build_train_loader, build_valid_loader, document_mask_enabled,
                             load_tokenizer, resolve_epochs)
-from starcoder.data.loader import build_pair_dataset
+from starcoder.data.loader import build_pair_dataset, build_valid_pairs
 from starcoder.finetune.dpo import DPO, dpo_config
 from starcoder.finetune.lora import apply_lora
 from starcoder.models.attention import check_window_dropout
@@ -271,7 +271,8 @@ class Trainer:
                              f"{self.accum} micro-batch(es) of {t.micro_batch_size} per rank per "
                              f"step, {self.precision}, output in {self.run_dir}")
         if self.dpo is not None and cfg.finetune.dpo_reference == "precomputed":
-            self.dpo.precompute(build_pair_dataset(cfg, self.tokenizer), t.micro_batch_size,
+            valid = build_valid_pairs(cfg, self.tokenizer) if t.eval_every else None
+            self.dpo.precompute(build_pair_dataset(cfg, self.tokenizer), valid, t.micro_batch_size,
                                 self.grid.dp_rank, self.grid.dp,
                                 self.grid.group("dp") if self.grid.dp > 1 else None)
         batches = iter(build_train_loader(cfg, self.tokenizer, dp_rank=self.grid.dp_rank,
@@ -448,13 +449,20 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Token-mean loss over the first `train.eval_steps` global batches of the validation split."""
+        """Token-mean loss over the first `train.eval_steps` global batches of the validation split
+        (under DPO the mean pair loss and DPO's metrics over those pairs)."""
         cfg = self.cfg
         loader = build_valid_loader(cfg, self.tokenizer, dp_rank=self.grid.dp_rank, dp_size=self.grid.dp)
         if loader is None:
             self.logger.echo(f"step {self.state.step}: no validation (data.split {cfg.data.split!r} "
                              "gives the validation split no documents)")
             return math.nan
+        if self.dpo is not None:
+            record = self.dpo.evaluate(islice(loader, cfg.train.eval_steps * self.accum),
+                                       self._dp_sum)
+            self.logger.log({"step": self.state.step, **record})
+            self._restart_interval()
+            return record["val_loss"]
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         if self.pipeline is None:

@@ -4,7 +4,8 @@
 The independent check trains two steps from the session's tiny-sc2 (save after each): the
 policy of step 2 is the step-1 checkpoint, exported to Hugging Face; the reference is the
 exported initial model. transformers' logits in float64 give each sequence's summed log-prob
-under the loss mask, and the DPO formula on them must give step 2's logged loss and metrics.
+under the loss mask, and the DPO formula on them must give step 2's logged loss and metrics, and
+on the held-out pairs (the last quarter, `data.split` 75,25,0) the validation of steps 1 and 2.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from starcoder.config import ConfigError, load_config
 from starcoder.convert.export import to_hf
 from starcoder.convert.weights import load_weights
-from starcoder.data import build_train_loader, load_tokenizer
+from starcoder.data import build_train_loader, build_valid_loader, load_tokenizer
 from starcoder.finetune.dpo import METRICS
 from starcoder.models.gpt import GPT
 from starcoder.training.signals import StopRequest
@@ -29,6 +30,8 @@ from tests.training.helpers import make_preference_corpus, metrics, run_trainer 
 
 REL = 1e-5
 BETA, SMOOTHING = 0.1, 0.1
+HELD_OUT = ["data.split=75,25,0", "train.eval_every=1", "train.eval_steps=1"]
+VAL_KEYS = ("val_loss", *(f"val_{name}" for name in METRICS))
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,51 +61,97 @@ def hf_logps(folder, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (token * mask.double()).sum(1)
 
 
-def test_loss_and_metrics_equal_the_formula_on_transformers_logps(tiny_models, corpus, tmp_path):
-    base = tiny_models["sc2"]
-    cfg = dpo_config(base["native"], corpus, tmp_path / "run", "train.save_every=1",
-                     f"finetune.dpo_label_smoothing={SMOOTHING}")
-    trainer = run(cfg)
-    assert trainer.cfg.model.hidden_dropout == 0.0  # dropout off under DPO
-    logged = metrics(tmp_path / "run")[1]
-    assert logged["step"] == 2
-    policy = to_hf(tmp_path / "run/checkpoints/step_0000001", tmp_path / "policy")
-
-    loader = build_train_loader(cfg, load_tokenizer(cfg.data.tokenizer), dp_rank=0, dp_size=1,
-                                consumed_samples=cfg.train.global_batch_size)  # step 2's pairs
-    mbs = [next(loader) for _ in range(2)]
-    assert all(mb["tokens"].shape[0] == 4 for mb in mbs)  # 2 pairs: chosen, rejected rows
-    tokens = torch.cat([mb["tokens"] for mb in mbs])
-    mask = torch.cat([mb["loss_mask"] for mb in mbs])
-    pi, ref = hf_logps(policy, tokens, mask), hf_logps(base["hf"], tokens, mask)
+def formula(pi: torch.Tensor, ref: torch.Tensor) -> dict:
+    """The mean loss and `METRICS` from float64 sequence log-probs (chosen rows even)."""
     d = (pi[0::2] - ref[0::2]) - (pi[1::2] - ref[1::2])
+    assert (d.abs() > 0.1).all()  # the policy has moved: rewards are not trivially zero
     loss = (-(1 - SMOOTHING) * F.logsigmoid(BETA * d) - SMOOTHING * F.logsigmoid(-BETA * d)).mean()
     chosen, rejected = BETA * (pi[0::2] - ref[0::2]), BETA * (pi[1::2] - ref[1::2])
-    expected = dict(zip(METRICS, [chosen.mean(), rejected.mean(), (chosen > rejected).double().mean(),
-                                  (chosen - rejected).mean(), pi[0::2].mean(), pi[1::2].mean()]))
-    assert (d.abs() > 0.1).all()  # the policy has moved: rewards are not trivially zero
-    assert math.isclose(logged["loss"], loss.item(), rel_tol=REL), (logged["loss"], loss.item())
+    values = [loss, chosen.mean(), rejected.mean(), (chosen > rejected).double().mean(),
+              (chosen - rejected).mean(), pi[0::2].mean(), pi[1::2].mean()]
+    return dict(zip(["loss", *METRICS], (v.item() for v in values)))
+
+
+def assert_logged(logged: dict, expected: dict, pi: torch.Tensor, prefix: str = "") -> None:
     # Rewards are differences of summed log-probs (about -50 here) that our fp32 forward knows
     # to about 3e-7 relative (measured: 1.5e-6 absolute in a reward of 0.07): relative to the
     # log-probs they get the same 1e-5, as an absolute bound REL x beta x |log-prob|.
     scale = BETA * pi.abs().max().item()
     for name, value in expected.items():
         tol = REL * scale if name.startswith("rewards/") else 0.0
-        assert math.isclose(logged[name], value.item(), rel_tol=REL, abs_tol=tol), \
-            (name, logged[name], value.item())
+        got = logged[prefix + name]
+        assert math.isclose(got, value, rel_tol=REL, abs_tol=tol), (prefix + name, got, value)
+
+
+def test_loss_metrics_and_validation_equal_the_formula_on_transformers_logps(tiny_models, corpus,
+                                                                            tmp_path):
+    base = tiny_models["sc2"]
+    cfg = dpo_config(base["native"], corpus, tmp_path / "run", "train.save_every=1",
+                     f"finetune.dpo_label_smoothing={SMOOTHING}", *HELD_OUT)
+    trainer = run(cfg)
+    assert trainer.cfg.model.hidden_dropout == 0.0  # dropout off under DPO
+    records = metrics(tmp_path / "run")
+    logged = [r for r in records if "lr" in r][1]
+    assert logged["step"] == 2
+    policies = {step: to_hf(tmp_path / f"run/checkpoints/step_{step:07d}",
+                            tmp_path / f"policy{step}") for step in (1, 2)}
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+
+    loader = build_train_loader(cfg, tokenizer, dp_rank=0, dp_size=1,
+                                consumed_samples=cfg.train.global_batch_size)  # step 2's pairs
+    train = [next(loader) for _ in range(2)]
+    assert all(mb["tokens"].shape[0] == 4 for mb in train)  # 2 pairs: chosen, rejected rows
+    valid = list(build_valid_loader(cfg, tokenizer, dp_rank=0, dp_size=1))  # the held-out pairs
+    tokens = torch.cat([mb["tokens"] for mb in train + valid])
+    mask = torch.cat([mb["loss_mask"] for mb in train + valid])
+    prompts = sorted(tokenizer.decode(row.tolist()).split("\n")[0] for row in tokens[8::2])
+    assert prompts == [f"Q: Go on {i}" for i in range(12, 16)]  # exactly the last 4 of 16
+    ref = hf_logps(base["hf"], tokens, mask)
+    pi = {step: hf_logps(folder, tokens, mask) for step, folder in policies.items()}
+    assert_logged(logged, formula(pi[1][:8], ref[:8]), pi[1][:8])
+
+    # Validation after step s scores the held-out pairs with the policy of step s.
+    validation = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in validation] == [1, 2] and set(validation[0]) == {"step", *VAL_KEYS}
+    for record in validation:
+        policy = pi[record["step"]][8:]
+        assert_logged(record, formula(policy, ref[8:]), policy, prefix="val_")
+
+
+def test_validation_pairs_never_appear_in_training_batches(corpus, tmp_path):
+    cfg = dpo_config("base", corpus, tmp_path, "train.max_steps=9", *HELD_OUT)  # 3 epochs of 12
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+
+    def rows(loader) -> list[tuple]:
+        return [tuple(row.tolist()) for mb in loader for row in mb["tokens"]]
+
+    train, valid = [], []
+    for rank in (0, 1):
+        loader = build_train_loader(cfg, tokenizer, dp_rank=rank, dp_size=2, consumed_samples=0)
+        train += rows(next(loader) for _ in range(9 * 4 // 2 // 2))
+        valid += rows(build_valid_loader(cfg, tokenizer, dp_rank=rank, dp_size=2))
+    assert len(set(train)) == 24 and len(set(valid)) == 8  # 12 and 4 pairs, each row seen
+    assert not set(train) & set(valid)
+    prompts = {tokenizer.decode(list(row)).split("\n")[0] for row in valid}
+    assert prompts == {f"Q: Go on {i}" for i in range(12, 16)}
 
 
 def test_precomputed_reference_gives_the_frozen_run(tiny_models, corpus, tmp_path):
     runs = {}
     for ref in ("frozen", "precomputed"):
-        # Every step sees all 16 pairs, so the loss can only fall by learning them.
+        # Every step sees all 12 training pairs, so the loss can only fall by learning them;
+        # validation (after step 3) reads each of the 4 held-out pairs 3 times.
         run(dpo_config(tiny_models["sc2"]["native"], corpus, tmp_path / ref, "train.max_steps=3",
-                       "train.global_batch_size=16", "train.micro_batch_size=4", "train.lr=1e-3",
-                       "train.lr_schedule=constant", f"finetune.dpo_reference={ref}"))
+                       "train.global_batch_size=12", "train.micro_batch_size=4", "train.lr=1e-3",
+                       "train.lr_schedule=constant", f"finetune.dpo_reference={ref}", *HELD_OUT,
+                       "train.eval_every=3"))
         runs[ref] = metrics(tmp_path / ref)
-    assert runs["frozen"][-1]["loss"] < runs["frozen"][0]["loss"]  # it learns the preference
+    train = [r for r in runs["frozen"] if "lr" in r]
+    assert train[-1]["loss"] < train[0]["loss"]  # it learns the preference
+    assert len(runs["frozen"]) == len(runs["precomputed"]) == 4  # 3 steps, 1 validation
     for a, b in zip(runs["frozen"], runs["precomputed"]):
-        for key in ("loss", "grad_norm", *METRICS):
+        assert a.keys() == b.keys()
+        for key in ("loss", "grad_norm", *METRICS) if "lr" in a else VAL_KEYS:
             assert math.isclose(a[key], b[key], rel_tol=1e-6, abs_tol=1e-6), (key, a[key], b[key])
 
 

@@ -59,3 +59,12 @@ def test_console_line():
                          "skipped_steps": 1})
     assert line == ("step      10 | loss 2.5000 | lr 3.000e-04 | grad 0.750 | 123,456 tok/s | "
                     "mfu 41.2% | mem 12.25 GiB | skipped 1")
+
+
+def test_console_line_of_validation():
+    assert console_line({"step": 8, "val_loss": 2.5, "val_ppl": 12.18}) == \
+        "step       8 | validation loss 2.5000 | ppl 12.18"
+    dpo = {"step": 8, "val_loss": 0.6, "val_rewards/accuracies": 0.75, "val_rewards/margins": 0.125,
+           "val_rewards/chosen": 0.1}
+    assert console_line(dpo) == ("step       8 | validation loss 0.6000 | reward accuracy 0.750 | "
+                                 "margin 0.1250")
