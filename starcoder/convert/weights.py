@@ -192,9 +192,11 @@ def verify_shared(step_dir: Path) -> None:
     manifest = read_manifest(step_dir)
     rank, size = dist.get_rank(), dist.get_world_size()
     problems = [None] * size
-    dist.all_gather_object(problems, check_files(step_dir, manifest, sorted(manifest["files"])[rank::size]))
+    mine = sorted(manifest["files"])[rank::size]
+    dist.all_gather_object(problems, check_files(step_dir, manifest, mine))
     raise_problem(step_dir, next((p for p in problems if p), None))
-    raise_problem(step_dir, check_tensors(manifest, CheckpointReader(step_dir / DCP_DIR).read_metadata()))
+    metadata = CheckpointReader(step_dir / DCP_DIR).read_metadata()
+    raise_problem(step_dir, check_tensors(manifest, metadata))
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,9 +380,10 @@ def _load_step_folder(model: GPT, step_dir: Path, grid) -> None:
     dcp_load(same, reader, step_dir, single_process=not distributed)
     for name in repadded:
         meta, param = metadata[f"model.{name}"], params.get(name)
-        whole = {} if param is None else {f"model.{name}": torch.empty(meta.size, dtype=meta.properties.dtype)}
+        whole = {} if param is None else {
+            f"model.{name}": torch.empty(meta.size, dtype=meta.properties.dtype)}
         dcp_load(whole, reader, step_dir, single_process=not distributed)
-        if param is None:
+        if param is None:  # a stage without this tensor, there for the collective read
             continue
         start = getattr(param, "shard_slices", (slice(0, None),))[0].start or 0
         real = max(0, min(param.shape[0], model.cfg.vocab_size - start))

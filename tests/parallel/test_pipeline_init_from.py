@@ -1,9 +1,9 @@
 """`train.init_from` under pipeline parallelism (2 ranks): each stage loads only its own tensors,
 from a native model folder, a Hugging Face export (tied embeddings, two stages per rank) and a
-LoRA run's step folder (merged, at another vocabulary padding, ZB-V), also with LoRA adapters training
-on the stages, and the run logs the losses of the same start at PP 1. A source that does not fit
-the whole model, or a corrupt step folder, is the same one line on every rank, and the ranks
-checksum a step folder's files once between them. One 2-rank gloo world."""
+LoRA run's step folder (merged, at another vocabulary padding, ZB-V), also with LoRA adapters
+training on the stages, and the run logs the losses of the same start at PP 1. A source that does
+not fit the whole model, or a corrupt step folder, is the same one line on every rank, and the
+ranks checksum a step folder's files once between them. One 2-rank gloo world."""
 
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def model_folder(preset: str, corpus: str, folder: Path, *overrides: str) -> Pat
     return folder
 
 
-def train_counting_checksums(preset: str, corpus: str, out: str, sets: list[str], source: str) -> list[str]:
+def train_counting_checksums(preset: str, corpus: str, out: str, sets: list[str],
+                             source: str) -> list[str]:
     """Train on this rank; returns the files of `source` it checksummed."""
     real, read = checkpoints.file_checksum, []
 
