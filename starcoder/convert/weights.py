@@ -9,9 +9,10 @@ folder's own config implies, so a missing, extra or mis-shaped tensor is an erro
 Two ways to read:
 * `iter_weights` streams full tensors under native names, unsharded and unpadded, one at a time
   (conversion, `load_model`);
-* `load_weights` fills a model, possibly split for tensor parallelism, in place (`train.init_from`):
-  it insists that the source has the model's shapes (only vocabulary rows may differ, within the
-  padding) and reads only this rank's slices of each tensor.
+* `load_weights` fills a model, possibly split for tensor parallelism and cut to a rank's
+  pipeline stages, in place (`train.init_from`): it insists that the source has the whole model's
+  tensors and shapes (only vocabulary rows may differ, within the padding) and reads only this
+  rank's slices of the tensors its stages hold; the ranks share a step folder's checksumming.
 
 A checkpoint of a LoRA run (`finetune.lora_rank` > 0) reads as its merged weights both ways; the
 model's own adapters (a LoRA model being filled with its base) are left as they are.
@@ -30,8 +31,9 @@ import yaml
 
 from starcoder.config import Config, TrainConfig, UserError
 from starcoder.convert import checkpoints
-from starcoder.convert.checkpoints import (DCP_DIR, VOCAB_PADDED, CheckpointReader, dcp_load,
-                                           is_step_folder, iter_checkpoint_weights,
+from starcoder.convert.checkpoints import (DCP_DIR, VOCAB_PADDED, CheckpointReader, check_files,
+                                           check_tensors, dcp_load, is_step_folder,
+                                           iter_checkpoint_weights, raise_problem, read_manifest,
                                            resolve_checkpoint, verify_step_folder)
 from starcoder.convert.hf import hf_to_native, ignored_hf, model_config_from_hf, native_origins, native_to_hf
 from starcoder.convert.lora import adapted_weights, delta, is_lora, lora_shapes, merge_lora
@@ -165,15 +167,36 @@ def check_folder(path: Path, kind: str, cfg: Config) -> None:
                         f"{path / config_file} implies are missing)")
 
 
-def open_weights(path: str | Path) -> tuple[Path, str, Config]:
-    """(folder, kind, config) of a readable folder whose tensors fit its config."""
+def open_weights(path: str | Path, all_ranks: bool = False) -> tuple[Path, str, Config]:
+    """(folder, kind, config) of a readable folder whose tensors fit its config. `all_ranks`:
+    every rank of the initialised process group calls this, and they share the checksumming
+    of a step folder (`verify_shared`)."""
     folder = resolve_folder(path)
     kind = folder_kind(folder)
     if kind == "step":  # a corrupt checkpoint is named as such before its tensors are judged
-        verify_step_folder(folder)
+        if all_ranks and dist.is_available() and dist.is_initialized():
+            verify_shared(folder)
+        else:
+            verify_step_folder(folder)
     cfg = read_folder_config(folder, kind)
     check_folder(folder, kind, cfg)
     return folder, kind, cfg
+
+
+def verify_shared(step_dir: Path) -> None:
+    """`verify_step_folder` split over the ranks of the default group: each checksums its share
+    of the files (every file is read once per job, in 1 / world size of the time), and every
+    rank raises the first problem any rank found, so a corrupt folder is the same one-line
+    error everywhere and no rank goes on into a collective read. The manifest and the shard
+    headers are small and every rank reads them (their checks come out the same on each)."""
+    manifest = read_manifest(step_dir)
+    rank, size = dist.get_rank(), dist.get_world_size()
+    problems = [None] * size
+    mine = sorted(manifest["files"])[rank::size]
+    dist.all_gather_object(problems, check_files(step_dir, manifest, mine))
+    raise_problem(step_dir, next((p for p in problems if p), None))
+    metadata = CheckpointReader(step_dir / DCP_DIR).read_metadata()
+    raise_problem(step_dir, check_tensors(manifest, metadata))
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,11 +247,12 @@ def load_weights_into(model: torch.nn.Module, tensors) -> None:
 
 @torch.no_grad()
 def load_weights(model: GPT, path: str | Path, grid=None) -> Config:
-    """Fill `model` (built for `model.cfg`, possibly split by `parallelize` over `grid`) from the
-    folder at `path`; returns the folder's config. The source must have the model's tensors and
-    shapes; only vocabulary rows may differ, and only within the padding (rows past
-    `model.cfg.vocab_size` are zero)."""
-    folder, kind, source = open_weights(path)
+    """Fill `model` (built for `model.cfg`, possibly split by `parallelize` over `grid` and cut to
+    a rank's pipeline stages by `split_model`) from the folder at `path`; returns the folder's
+    config. The source must have the whole model's tensors and shapes; only vocabulary rows may
+    differ, and only within the padding (rows past `model.cfg.vocab_size` are zero). Under an
+    initialised process group every rank calls this (step folders are read collectively)."""
+    folder, kind, source = open_weights(path, all_ranks=True)
     check_fits(model, folder, source)
     if kind == "step":
         _load_step_folder(model, folder, grid)
@@ -240,12 +264,13 @@ def load_weights(model: GPT, path: str | Path, grid=None) -> Config:
 
 
 def check_fits(model: GPT, folder: Path, source: Config) -> None:
-    """The source (config `source`) has exactly the model's tensors and shapes, except that
-    vocabulary tensors may have any row count from `vocab_size` up to the padded one."""
+    """The source (config `source`) has exactly the tensors and shapes of the whole model
+    `model` is (a part of), except that vocabulary tensors may have any row count from
+    `vocab_size` up to the padded one. Every pipeline stage checks the whole model, so all ranks
+    agree on the verdict."""
     stored, target = native_shapes(source), model.cfg
     hint = _differing_keys(source, target)
-    for name, param in _base_parameters(model):
-        full = tuple(getattr(param, "full_shape", param.shape))
+    for name, full in whole_model_shapes(model).items():
         have = stored.pop(name, None)
         if have is None:
             raise UserError(f"{folder}: has no tensor {name}, which the model needs{hint}")
@@ -262,6 +287,14 @@ def check_fits(model: GPT, folder: Path, source: Config) -> None:
         if getattr(source.model, key) != getattr(target, key):
             raise UserError(f"{folder}: model.{key} is {getattr(source.model, key)!r}, the config's "
                             f"{getattr(target, key)!r}: the attention weights would be misread")
+
+
+def whole_model_shapes(model: GPT) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> full (padded, unsplit) shape for every parameter of the whole model
+    that `model` is, or is a tensor-parallel slice or some pipeline stages of; no adapters."""
+    with torch.device("meta"):
+        whole = GPT(model.cfg, padded_vocab_size=model.padded_vocab_size)
+    return {name: tuple(p.shape) for name, p in whole.named_parameters()}
 
 
 def _differing_keys(source: Config, target) -> str:
@@ -328,28 +361,34 @@ def _gather_rows(piece, sources, wanted: torch.Tensor, rest: tuple) -> torch.Ten
 def _load_step_folder(model: GPT, step_dir: Path, grid) -> None:
     """DCP reads, for a tensor described by its global shape and this rank's shard (a DTensor),
     only the stored pieces that overlap the shard. Vocabulary tensors stored at another padding
-    are read whole, one at a time, and their real rows copied."""
+    are read whole, one at a time, and their real rows copied. Each read is collective: every
+    rank walks the same re-padded names, also a pipeline stage that holds none of them."""
     reader = CheckpointReader(step_dir / DCP_DIR)
     metadata = reader.read_metadata().state_dict_metadata
     distributed = dist.is_available() and dist.is_initialized()
-    same, repadded = {}, []
-    for name, param in _base_parameters(model):
-        full = tuple(getattr(param, "full_shape", param.shape))
-        if tuple(metadata[f"model.{name}"].size) != full:
-            repadded.append((name, param))
-        elif grid is not None and grid.tp > 1:
+    params = dict(_base_parameters(model))
+    repadded = [name for name, full in whole_model_shapes(model).items()
+                if tuple(metadata[f"model.{name}"].size) != full]
+    same = {}
+    for name, param in params.items():
+        if name in repadded:
+            continue
+        if grid is not None and grid.tp > 1:
             same[f"model.{name}"] = to_dtensor(param.detach(), param, grid)
         else:
             same[f"model.{name}"] = param.detach()
     dcp_load(same, reader, step_dir, single_process=not distributed)
-    for name, param in repadded:
-        meta = metadata[f"model.{name}"]
-        whole = torch.empty(meta.size, dtype=meta.properties.dtype)
-        dcp_load({f"model.{name}": whole}, reader, step_dir, single_process=not distributed)
+    for name in repadded:
+        meta, param = metadata[f"model.{name}"], params.get(name)
+        whole = {} if param is None else {
+            f"model.{name}": torch.empty(meta.size, dtype=meta.properties.dtype)}
+        dcp_load(whole, reader, step_dir, single_process=not distributed)
+        if param is None:  # a stage without this tensor, there for the collective read
+            continue
         start = getattr(param, "shard_slices", (slice(0, None),))[0].start or 0
         real = max(0, min(param.shape[0], model.cfg.vocab_size - start))
         param.zero_()
-        param[:real].copy_(whole[start:start + real])
+        param[:real].copy_(whole[f"model.{name}"][start:start + real])
 
 
 def _merge_lora_into(model: GPT, step_dir: Path, source: Config) -> None:

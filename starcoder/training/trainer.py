@@ -113,10 +113,6 @@ def train(cfg: Config, stop: StopRequest | None = None) -> TrainState:
 
 
 def check_supported(cfg: Config) -> None:
-    if cfg.train.init_from and cfg.parallel.pipeline_parallel > 1:
-        raise ConfigError("train.init_from: not available under pipeline parallelism yet (each "
-                          "stage would need only its part of the weights); initialise at "
-                          "pipeline_parallel 1, save, and resume at this layout")
     if cfg.train.eval_humaneval_every and cfg.parallel.pipeline_parallel > 1:
         raise ConfigError("train.eval_humaneval_every: not available under pipeline parallelism "
                           "(generation needs the whole model on each tensor-parallel group); "

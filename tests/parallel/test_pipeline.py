@@ -108,12 +108,3 @@ def test_stages_hold_their_own_blocks_under_global_names(runs):
 def test_impossible_layouts_name_the_key(sets, key):
     with pytest.raises(ConfigError, match=f"^{key}:"):
         load_config("tiny-sc2", sets)
-
-
-def test_init_from_under_pipeline_parallelism_names_the_key():
-    from starcoder.training.trainer import check_supported
-
-    cfg = load_config("tiny-sc2", ["parallel.pipeline_parallel=2", "train.init_from=runs/x",
-                                   "data.tokenizer=builtin:tiny", "data.paths=[x]"])
-    with pytest.raises(ConfigError, match="^train.init_from:"):
-        check_supported(cfg)
