@@ -102,10 +102,11 @@ def stage_function(job: Job, stage: str, rank: int, resources: ExitStack):
     from starcoder.selfalign import stages
 
     cfg = job.cfg
+    backend = None
     if stage in GENERATION_STAGES or (stage == "seeds" and cfg.seeds.judge):
         backend = load_backend(job, rank)
-    if stage == "seeds":
-        return lambda sources, seed: seeds_stage(sources, cfg, backend if cfg.seeds.judge else None, seed)
+    if stage == "seeds":  # seeded by run.seed: one shard
+        return lambda sources, seed: seeds_stage(sources, cfg, backend)
     if stage in GENERATION_STAGES:
         run = getattr(stages, stage)
         return lambda records, seed: run(records, backend, getattr(cfg, stage), seed)
@@ -137,9 +138,9 @@ def task_device(device: str, rank: int) -> str:
     return f"{d.type}:{rank % count}" if count > 1 else device
 
 
-def seeds_stage(sources: list[dict], cfg: SelfAlignConfig, backend, seed: int):
+def seeds_stage(sources: list[dict], cfg: SelfAlignConfig, backend):
     """Extraction and filter rules, decontamination, near-dedup; then at most `max_seeds` (a
-    seeded sample, in input order) and the optional judge."""
+    sample seeded by run.seed, in input order) and the judge when a backend is given."""
     import random
 
     from starcoder.selfalign.seeds import seeds
