@@ -167,13 +167,15 @@ def check_folder(path: Path, kind: str, cfg: Config) -> None:
                         f"{path / config_file} implies are missing)")
 
 
-def open_weights(path: str | Path, all_ranks: bool = False) -> tuple[Path, str, Config]:
+def open_weights(path: str | Path, all_ranks: bool = False, verify: bool = True
+                 ) -> tuple[Path, str, Config]:
     """(folder, kind, config) of a readable folder whose tensors fit its config. `all_ranks`:
     every rank of the initialised process group calls this, and they share the checksumming
-    of a step folder (`verify_shared`)."""
+    of a step folder (`verify_shared`). `verify=False`: this job has already verified the step
+    folder `path` (pass the folder this returned, so a moved `latest` cannot swap it)."""
     folder = resolve_folder(path)
     kind = folder_kind(folder)
-    if kind == "step":  # a corrupt checkpoint is named as such before its tensors are judged
+    if kind == "step" and verify:  # a corrupt checkpoint is named before its tensors are judged
         if all_ranks and dist.is_available() and dist.is_initialized():
             verify_shared(folder)
         else:
@@ -246,13 +248,14 @@ def load_weights_into(model: torch.nn.Module, tensors) -> None:
 
 
 @torch.no_grad()
-def load_weights(model: GPT, path: str | Path, grid=None) -> Config:
+def load_weights(model: GPT, path: str | Path, grid=None, verify: bool = True) -> Config:
     """Fill `model` (built for `model.cfg`, possibly split by `parallelize` over `grid` and cut to
     a rank's pipeline stages by `split_model`) from the folder at `path`; returns the folder's
     config. The source must have the whole model's tensors and shapes; only vocabulary rows may
     differ, and only within the padding (rows past `model.cfg.vocab_size` are zero). Under an
-    initialised process group every rank calls this (step folders are read collectively)."""
-    folder, kind, source = open_weights(path, all_ranks=True)
+    initialised process group every rank calls this (step folders are read collectively).
+    `verify=False`: this job has already verified the step folder `path` (see `open_weights`)."""
+    folder, kind, source = open_weights(path, all_ranks=True, verify=verify)
     check_fits(model, folder, source)
     if kind == "step":
         _load_step_folder(model, folder, grid)

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from starcoder.convert.weights import load_weights
+from starcoder.convert.weights import load_weights, resolve_folder
 from starcoder.config import Config, ConfigError, UserError, accumulation_steps
 from starcoder.data import (build_train_loader, build_valid_loader, document_mask_enabled,
                             load_tokenizer, resolve_epochs)
@@ -197,9 +197,11 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = build_model(cfg, self.grid, self.device)
         resume, metadata = find_resume(self.run_dir, self.grid, t.verify_checksums)
+        self.init_folder = None  # the folder the policy is loaded from (verified), not on a resume
         if resume is None and t.init_from:  # into the fp32 model, before the optimizer copies it
             try:
-                load_weights(self.model, t.init_from, self.grid)
+                self.init_folder = resolve_folder(t.init_from)
+                load_weights(self.model, self.init_folder, self.grid)
             except UserError as err:
                 raise ConfigError(f"train.init_from: {err}") from None
             log.info("initialised weights from %s", t.init_from)
@@ -252,8 +254,9 @@ class Trainer:
         """The model as step 1 starts it: built from the seed, then `train.init_from`."""
         model = build_model(self.cfg, self.grid, self.device)
         if self.cfg.train.init_from:
-            try:
-                load_weights(model, self.cfg.train.init_from, self.grid)
+            try:  # the policy's load has verified this folder already (not after a resume)
+                load_weights(model, self.init_folder or self.cfg.train.init_from, self.grid,
+                             verify=self.init_folder is None)
             except UserError as err:
                 raise ConfigError(f"train.init_from: {err}") from None
         return model

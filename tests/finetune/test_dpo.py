@@ -11,6 +11,7 @@ on the held-out pairs (the last quarter, `data.split` 75,25,0) the validation of
 from __future__ import annotations
 
 import math
+import re
 import shutil
 
 import pytest
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from starcoder.config import ConfigError, load_config
+from starcoder.convert.checkpoints import latest_checkpoint, read_manifest
 from starcoder.convert.export import to_hf
 from starcoder.convert.weights import load_weights
 from starcoder.data import build_train_loader, build_valid_loader, load_tokenizer
@@ -26,7 +28,8 @@ from starcoder.finetune.dpo import METRICS
 from starcoder.models.gpt import GPT
 from starcoder.training.signals import StopRequest
 from starcoder.training.trainer import Trainer
-from tests.training.helpers import make_preference_corpus, metrics, run_trainer as run
+from tests.training.helpers import (checksummed_files, corrupt_copy, make_preference_corpus, metrics,
+                                    run_trainer as run)
 
 REL = 1e-5
 BETA, SMOOTHING = 0.1, 0.1
@@ -230,3 +233,22 @@ def test_epochs_count_pairs(corpus, tmp_path):
 
     cfg = dpo_config("base", corpus, tmp_path, "train.epochs=2")
     assert resolve_epochs(cfg).train.max_steps == 2 * 16 // 4  # 16 pairs, 4 a step
+
+
+def test_a_step_folder_is_checksummed_once_per_run_for_policy_and_reference(tiny_models, corpus,
+                                                                            tmp_path):
+    one_step = ("train.max_steps=1", "train.save_every=1")
+    run(dpo_config(tiny_models["sc2"]["native"], corpus, tmp_path / "first", *one_step))
+    step = latest_checkpoint(tmp_path / "first")
+    with checksummed_files(step) as read:
+        trainer = run(dpo_config(step, corpus, tmp_path / "second", *one_step))
+    assert trainer.dpo.reference is not None  # the frozen copy: a second load of the step folder
+    assert sorted(read) == sorted(read_manifest(step)["files"])  # each file once, not twice
+
+    corrupt = corrupt_copy(step, tmp_path / "corrupt")
+    refused = rf"^train\.init_from: {re.escape(str(corrupt))}: corrupt checkpoint: "
+    with pytest.raises(ConfigError, match=refused):
+        run(dpo_config(corrupt, corpus, tmp_path / "third", *one_step))
+    # A resume loads no policy from init_from: the reference's load verifies the folder itself.
+    with pytest.raises(ConfigError, match=refused):
+        run(dpo_config(corrupt, corpus, tmp_path / "second", "train.max_steps=2"))

@@ -1,9 +1,16 @@
-"""Greedy generation equals `transformers` on the exported model, and the text API's rules."""
+"""Greedy generation equals `transformers` on the exported model, the text API's rules, and a
+step folder is checksummed once per load."""
+
+import re
 
 import pytest
 import torch
 
+from starcoder.convert.checkpoints import latest_checkpoint, read_manifest
 from starcoder.generation import Sampling, cut_at_stop, load_generator
+from starcoder.training.trainer import train
+from tests.eval.test_humaneval import run_cli
+from tests.training.helpers import checksummed_files, corrupt_copy, make_corpus, tiny_config
 
 PROMPTS = ["def add(a, b):\n    return", "import os\n", "class Stack:\n    def push(self, item):\n        self."]
 
@@ -71,3 +78,17 @@ def test_rows_that_fill_the_context_finish_while_others_go_on(tiny_models):
     out = gen.complete([prompt, "def f():\n"], max_new_tokens=10, batch_size=2)
     assert len(out[0].tokens) <= 3 and not out[0].too_long
     assert out[1].tokens == gen.complete(["def f():\n"], max_new_tokens=10)[0].tokens
+
+
+def test_a_step_folder_is_checksummed_once_and_a_corrupt_one_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_config(make_corpus(tmp_path / "corpus", files=2), run, "train.max_steps=1"))
+    step = latest_checkpoint(run)
+    with checksummed_files(step) as read:
+        load_generator(step)
+    assert sorted(read) == sorted(read_manifest(step)["files"])  # each file once, not twice
+
+    corrupt = corrupt_copy(step, tmp_path / "corrupt")
+    code, _, err = run_cli(capsys, "generate", "--model", corrupt, "--prompt", "x")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.match(rf"error: --model: {re.escape(str(corrupt))}: corrupt checkpoint: ", err), err

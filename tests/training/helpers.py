@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from starcoder.cli.demo import stdlib_sources
@@ -105,3 +107,35 @@ def run_trainer(cfg: Config):
     finally:
         trainer.close()
     return trainer
+
+
+@contextmanager
+def checksummed_files(folder: Path):
+    """Yields a list that collects, for each `file_checksum` call inside the block on a file under
+    `folder`, that file's path relative to `folder`."""
+    from starcoder.convert import checkpoints
+
+    real, read = checkpoints.file_checksum, []
+
+    def counting(path, *args, **kwargs):
+        if Path(folder) in Path(path).parents:
+            read.append(str(Path(path).relative_to(folder)))
+        return real(path, *args, **kwargs)
+
+    checkpoints.file_checksum = counting
+    try:
+        yield read
+    finally:
+        checkpoints.file_checksum = real
+
+
+def corrupt_copy(step_dir: Path, dest: Path) -> Path:
+    """A copy of a step folder with one byte of a shard flipped (same size, another checksum)."""
+    from starcoder.convert.checkpoints import DCP_DIR
+
+    shutil.copytree(step_dir, dest)
+    shard = sorted((dest / DCP_DIR).glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return dest
