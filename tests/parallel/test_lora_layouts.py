@@ -6,7 +6,8 @@ One 2-rank gloo world serves the module: TP 2 (x DP 1) or DP 2. tiny-sc1 (MQA: a
 head, and so the adapter's kv rows, are copied on both ranks while the q rows split) and tiny-sc2
 (2 KV heads: split at TP 2), cut down to 2 layers x 64, every projection adapted; DP 2 also with
 the distributed optimizer (gradient buffer, frozen base outside it). Each preset's base model is
-written once; adapter dropout is 0 (TP ranks draw their own masks).
+written once; adapter dropout is 0 there, and on in its own test (TP 2 with and without sequence
+parallel draws the masks one process draws).
 """
 
 from __future__ import annotations
@@ -94,3 +95,26 @@ def test_tp2_and_dp2_lora_runs_equal_one_process(preset, layouts, world, corpus,
             assert copied_kv == (preset == "tiny-sc1")  # MQA: kv rows on both ranks
             assert "blocks.0.attn.input_adapter.lora_B_q" in shards
             assert "blocks.0.mlp.fc_out.lora_A" in shards and "blocks.0.mlp.fc_out.lora_B" not in shards
+
+
+@pytest.mark.parametrize("model_dropout, layouts", [
+    ([], ["tp2", "tp2-sp"]),
+    # replicated activations without sequence parallel: the model's dropouts match one process too
+    (["model.hidden_dropout=0.1", "model.embedding_dropout=0.1"], ["tp2"])])
+def test_tp2_lora_dropout_equals_one_process(model_dropout, layouts, world, corpus, tmp_path):
+    """Adapter dropout on replicated inputs (q/kv, fc_in) and on column shards (out_proj, fc_out)
+    draws one process's masks, so the losses and gradient norms match."""
+    dropout = ["finetune.lora_dropout=0.1", *model_dropout]
+    base = write_tiny_model(tmp_path / "base", "tiny-sc1", MODEL, std=0.05)["native"]
+    trained_parameters(config("tiny-sc1", base, corpus, tmp_path / "one", *dropout))
+    ref_metrics = metrics(tmp_path / "one")
+    no_dropout = tmp_path / "no-dropout"
+    trained_parameters(config("tiny-sc1", base, corpus, no_dropout))
+    assert metrics(no_dropout)[-1]["loss"] != ref_metrics[-1]["loss"]  # the dropout acts
+    for layout in layouts:
+        world.run(_train, "tiny-sc1", str(base), corpus, str(tmp_path / layout), [*LAYOUTS[layout], *dropout])
+        got = metrics(tmp_path / layout)
+        for key in ("loss", "grad_norm"):
+            assert all(math.isclose(a[key], b[key], rel_tol=TOL, abs_tol=TOL)
+                       for a, b in zip(got, ref_metrics)) and len(got) == len(ref_metrics), \
+                (layout, key, [(a[key], b[key]) for a, b in zip(got, ref_metrics)])
