@@ -56,7 +56,8 @@ class LoRADropout(nn.Module):
             return x
         shape = (*x.shape[:-1], self.width or x.shape[-1])
         keep = torch.empty(shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - self.p)
-        return x * keep[..., self.columns] / (1.0 - self.p)
+        # keep, then scale, as F.dropout does: one process gets nn.Dropout's numbers on CPU
+        return x * keep[..., self.columns] * (1.0 / (1.0 - self.p))
 
 
 class LoRALinear(nn.Module):
