@@ -17,7 +17,10 @@ Tensor parallelism (applied after `parallelize`): A and B follow their base laye
   rank's B A_r x_r is added to the base's partial sum before the one reduction. B is replicated
   and its per-rank gradient is partial.
 Every full A is drawn from a generator seeded by the run seed and the tensor's name, then sliced,
-so every layout starts from the same adapters.
+so every layout starts from the same adapters. Adapter dropout (`LoRADropout`) draws from the
+default generators, which the TP ranks share, the mask of the whole input: a replicated (or
+gathered) input gets one process's mask on every rank, a row-parallel base's column shard gets
+its columns of it, so every layout computes what one process computes.
 """
 
 from __future__ import annotations
@@ -38,6 +41,25 @@ from starcoder.parallel.layers import (ColumnParallelLinear, RowParallelLinear, 
                                        mark_replicated, output_from_tp, shard_parameter)
 
 
+class LoRADropout(nn.Module):
+    """Dropout of an adapter's input x, possibly columns `columns` of a `width`-wide input held
+    whole by one process (a row-parallel base's input shard): it draws the whole input's keep
+    mask from the default generator and applies its `columns`. Not `TPDropout`'s per-rank stream:
+    every TP rank draws the same mask, one process's."""
+
+    def __init__(self, p: float, width: int | None = None, columns: slice = slice(None)):
+        super().__init__()
+        self.p, self.width, self.columns = p, width, columns
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        shape = (*x.shape[:-1], self.width or x.shape[-1])
+        keep = torch.empty(shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - self.p)
+        # keep, then scale, as F.dropout does: one process gets nn.Dropout's numbers on CPU
+        return x * keep[..., self.columns] * (1.0 / (1.0 - self.p))
+
+
 class LoRALinear(nn.Module):
     """A dense, column- or row-parallel linear layer (same interface, same `weight` and `bias`
     parameters) plus a low-rank update `lora_B @ lora_A`."""
@@ -52,7 +74,10 @@ class LoRALinear(nn.Module):
         self.grid = getattr(base, "grid", None)
         self.enter_region = getattr(base, "enter_region", False)
         self.scale = scale
-        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        if self.split == "row":  # the input is this rank's columns of the whole input
+            self.dropout = LoRADropout(dropout, base.weight.full_shape[1], base.weight.shard_slices[1])
+        else:
+            self.dropout = LoRADropout(dropout)
         self.enabled = True  # False: the base layer alone (`adapters_off`)
 
     def forward(self, x: torch.Tensor, return_bias: bool = False):
@@ -78,7 +103,7 @@ class AttentionInputLoRA(nn.Module):
         super().__init__()
         self.lora_A, self.lora_B_q, self.lora_B_kv = lora_A, lora_B_q, lora_B_kv
         self.scale = scale
-        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.dropout = LoRADropout(dropout)  # on the whole (copied or gathered) attention input
         self.enabled = True  # False: no update (`adapters_off`)
 
     def forward(self, x: torch.Tensor):

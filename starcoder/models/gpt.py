@@ -11,6 +11,8 @@ layers, embedding and head for sharded versions with the same interface.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -102,10 +104,17 @@ class Attention(nn.Module):
             k, v, mask = cache.update(k, v)
             out = masked_attention(q, k, v, mask)
         else:
-            out = attention(q, k, v, causal=True, window=self.window,
-                            dropout_p=self.dropout_p if self.training else 0.0, backend=self.backend,
-                            document_ids=document_ids)
+            dropout_p = self.dropout_p if self.training else 0.0
+            with self.rng_fork(x.device) if dropout_p > 0.0 else contextlib.nullcontext():
+                out = attention(q, k, v, causal=True, window=self.window, dropout_p=dropout_p,
+                                backend=self.backend, document_ids=document_ids)
         return self.out_proj(out.reshape(b, s, -1), return_bias=return_bias)
+
+    def rng_fork(self, device: torch.device):
+        """The RNG stream attention dropout draws from, and only it (not the adapters around it):
+        the default generators (tensor parallelism gives each rank's heads their own,
+        `starcoder.parallel.random.tp_rng_fork`)."""
+        return contextlib.nullcontext()
 
 
 class MLP(nn.Module):

@@ -17,6 +17,8 @@ the output layer gathers before the logits.
 
 from __future__ import annotations
 
+import functools
+
 import torch.nn as nn
 
 from starcoder.config import ConfigError
@@ -25,7 +27,7 @@ from starcoder.parallel.grid import Grid
 from starcoder.parallel.layers import (ColumnParallelLinear, ParallelEmbedding, RowParallelLinear,
                                        VocabParallelEmbedding, VocabParallelOutputLayer,
                                        input_to_tp, mark_replicated)
-from starcoder.parallel.random import TPDropout, fork_rng_in_forward
+from starcoder.parallel.random import TPDropout, tp_rng_fork
 
 
 def kv_copies(num_query_groups: int, tp: int) -> int:
@@ -89,7 +91,7 @@ def _parallelize_block(block: Block, grid: Grid, copies: int) -> None:
             param.partial_grad = True  # each copy sees only its own query heads' gradient
     attn.out_proj = RowParallelLinear.from_dense(attn.out_proj, grid)
     attn.register_forward_pre_hook(lambda module, args: (input_to_tp(args[0], grid), *args[1:]))
-    fork_rng_in_forward(attn, grid.tp_rank)  # attention dropout acts on this rank's heads
+    attn.rng_fork = functools.partial(tp_rng_fork, grid.tp_rank)  # attention dropout: this rank's heads
 
     mlp.fc_in = ColumnParallelLinear.from_dense(mlp.fc_in, grid)
     mlp.fc_out = RowParallelLinear.from_dense(mlp.fc_out, grid)

@@ -6,6 +6,11 @@ Which masks must agree across the tensor-parallel ranks:
 - a rank's own attention heads, and its own sequence shard under sequence parallel: different
   masks per TP rank.
 
+LoRA adapter dropout is of the first kind, on a column shard too: it draws the whole input's mask
+and applies the rank's columns (`starcoder.finetune.lora.LoRADropout`), as one process would.
+Attention forks for its dropout only (`Attention.rng_fork`), so the adapters around it keep the
+shared stream.
+
 `tp_rng_fork` gives the second kind. Instead of keeping a separate generator state (which
 activation recomputation would have to save and restore, as Megatron's own checkpoint function
 does), it derives the fork's seed from one draw of the CPU default generator, which every TP rank
@@ -74,25 +79,3 @@ class TPDropout(nn.Dropout):
             return x
         with self.rng_fork(x.device):
             return super().forward(x)
-
-
-def fork_rng_in_forward(module: nn.Module, tp_rank: int) -> None:
-    """Run `module`'s forward under `tp_rng_fork` while it drops out (`module.dropout_p > 0`):
-    attention dropout acts on this rank's own heads."""
-    forks: list = []
-
-    def enter(mod, args):
-        if mod.training and mod.dropout_p > 0.0:
-            fork = tp_rng_fork(tp_rank, args[0].device)
-            fork.__enter__()
-            forks.append(fork)
-        else:
-            forks.append(None)
-
-    def leave(mod, args, output):
-        fork = forks.pop()
-        if fork is not None:
-            fork.__exit__(None, None, None)
-
-    module.register_forward_pre_hook(enter)
-    module.register_forward_hook(leave, always_call=True)
