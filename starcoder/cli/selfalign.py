@@ -94,6 +94,9 @@ def run(args) -> int:
         seeds += [str(p) for p in stdlib_sources()] if s == "stdlib" else [s]
     if "seeds" in stages and args.input is None and not seeds:
         raise UserError("--seeds: needed by the seeds stage (Python files or folders, or `stdlib`)")
+    missing = [s for s in seeds if not Path(s).exists()]
+    if "seeds" in stages and args.input is None and missing:  # named here, not in a task's traceback
+        raise UserError(f"--seeds {missing[0]}: no such file or folder")
     if "validate" in stages:
         from starcoder.eval.sandbox import Sandbox
         with Sandbox(unsafe_no_sandbox=args.unsafe_no_sandbox) as sandbox:

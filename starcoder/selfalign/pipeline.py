@@ -339,13 +339,13 @@ def selfalign(job: Job, executor: str = "local", input_path: Optional[str] = Non
     """Runs (local) or submits (slurm) the stages; returns the report when it ran here."""
     if executor not in EXECUTORS:
         raise UserError(f"--executor {executor}: expected one of {' | '.join(EXECUTORS)}")
-    job.dir.mkdir(parents=True, exist_ok=True)
     digest = None
     if input_path is not None:
         job.has_input = True
         digest = hashlib.sha256(Path(input_path).read_bytes()).hexdigest()
+    check_inputs(job)  # before anything is written
+    job.dir.mkdir(parents=True, exist_ok=True)
     check_settings(job, digest)
-    check_inputs(job)
     if input_path is not None and not (job.dir / "reports" / "input.json").is_file():
         prepare_input(job, input_path)
     previous = None

@@ -123,6 +123,8 @@ def test_validate_and_select_alone_on_a_user_file(tmp_path, sandbox, capsys):
     (["--stages", "select,validate"], "--stages select,validate: list each stage once, in pipeline order"),
     (["--stages", "seeds,judge"], "--stages seeds,judge: expected some of seeds,concepts"),
     (["--stages", "seeds"], "--seeds: needed by the seeds stage"),
+    (["--stages", "seeds", "--seeds", "no/such/folder"], "--seeds no/such/folder: no such file or folder"),
+    (["--stages", "seeds", "--seeds", "stdlib", "--config", "no/such.yaml"], "config no/such.yaml: no such file"),
     (["--stages", "select"], "--stages select: reads the validate stage's output, which"),
     (["--stages", "select", "--input", "missing.jsonl"], "--input missing.jsonl: no such file"),
     (["--stages", "select", "--set", "select.treshold=0.5"], "select.treshold: unknown key (did you mean threshold?)"),
@@ -132,6 +134,7 @@ def test_mistakes_are_one_line(tmp_path, capsys, args, message):
     assert main(["selfalign", "--output", str(tmp_path / "out"), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {message}") and "\n" not in err, err
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def test_the_vllm_backend_without_vllm_is_one_line(model, tmp_path, capsys):
